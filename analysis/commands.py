@@ -1,4 +1,4 @@
-"""Command-line handlers of the `analysis` package: `soir evaluate` and `soir attack relearn`.
+"""The `analysis` package's subcommands: `evaluate` and the attacks (`soir attack relearn`); flags and handlers.
 
 Everything a user supplies (files, columns, MMLU answers, flag combinations) is read and
 checked before a model is loaded, and the outputs are written only at the end, each file
@@ -7,15 +7,28 @@ atomically: a mistake ends with one line (exit 2) and nothing written.
 
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from soir.data import SEMEVAL_ID, parse_column_map, read_split
 from soir.errors import UserError
+from soir.flags import (
+    add_common,
+    add_data,
+    add_model,
+    add_progress,
+    data_settings,
+    model_settings,
+)
 from soir.io import check_out_dir
+from soir.settings import add_settings, from_args
+
+RELEARN_FLAGS = ("fraction", "steps", "lr", "batch_size", "max_new_tokens")
 
 SUMMARY = (
     ("forget regurgitation", "forget/regurgitation"),
@@ -57,14 +70,39 @@ def summary_lines(metrics: dict) -> list[str]:
     return [f"{label:<{width}}  {_format(metrics[key])}" for label, key in SUMMARY if key in metrics]
 
 
+def evaluate_arguments(p) -> None:
+    from analysis.metrics import MIA_ATTACKS
+
+    add_model(p)
+    p.add_argument("--forget", required=True, metavar="FILE", help="the forget split (parquet, jsonl or csv)")
+    p.add_argument("--retain", required=True, metavar="FILE", help="the retain split")
+    p.add_argument("--holdout", metavar="FILE", help="non-members for membership inference; MIA runs when it is given")
+    p.add_argument("--mia", action=argparse.BooleanOptionalAction, default=None, help="membership inference (default: on when --holdout is given; --mia without --holdout is an error)")
+    p.add_argument("--mia-attack", metavar="NAME", help=f"the attack whose score enters the final score: {', '.join(MIA_ATTACKS)} (default: loss; all are reported)")
+    p.add_argument("--min-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default: 0.4)")
+    p.add_argument("--mmlu", metavar="FILE", help="a local MMLU-layout file (question, choices, answer index; or A-D columns), e.g. the testbed's general_mc.parquet")
+    p.add_argument("--mmlu-prompt", default="{question}\nAnswer:", metavar="TEXT", help="MMLU prompt with {question}; each option follows as ' {choice}' (default: '{question}\\nAnswer:'; '{question}' for the testbed's general_mc, which matches its training rows)")
+    p.add_argument("--oracle", metavar="DIR|FILE", help="a retain-only model directory (or its per_example.parquet) for TOFU forget quality")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="generated tokens per row at most (default: 64)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward pass for generation, scoring and MMLU (default: 16, 8, 16)")
+    p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only (no ROUGE, exact match or task aggregate)")
+    add_progress(p)
+    add_data(p)
+    add_common(p, "directory for metrics.json and per_example.parquet")
+
+
 def evaluate(args) -> int:
-    """`soir evaluate`."""
-    from analysis.evaluate import EvalSettings, evaluate as run_evaluate, write_evaluation
+    """Evaluate a model on --forget and --retain: greedy generation (ROUGE-L recall on completion rows,
+    exact match on QA rows), teacher-forced answer probability and accuracy, TOFU truth ratio;
+    membership inference (LOSS, zlib, Min-K%, Min-K%++ AUC) with --holdout as non-members; MMLU-
+    style accuracy with --mmlu; TOFU forget quality with --oracle. Writes metrics.json (every
+    aggregate, with settings) and per_example.parquet (every score by id)."""
+    from analysis.evaluate import EvalSettings, write_evaluation
+    from analysis.evaluate import evaluate as run_evaluate
     from analysis.generation import GenerationSettings
     from analysis.metrics import MIA_ATTACKS, ScoreSettings
     from analysis.mmlu import MMLUSettings, read_mmlu
-    from soir.data import Template
-    from soir.models import TINY_PREFIX, check_model_dir, load_model, load_tokenizer
+    from soir.models import check_model_dir
 
     out = Path(args.out)
     check_out_dir(out, overwrite=True)  # writes named files only: any directory will do
@@ -83,6 +121,7 @@ def evaluate(args) -> int:
     if not 0 < args.min_k <= 1:
         raise UserError(f"--min-k must lie in (0, 1], got {args.min_k}")
 
+    data = data_settings(args)
     columns = parse_column_map(args.columns)
     splits = {"forget": _read("forget", args.forget, columns), "retain": _read("retain", args.retain, columns)}
     holdout = _read("holdout", args.holdout, columns) if args.holdout else None
@@ -101,25 +140,25 @@ def evaluate(args) -> int:
             raise UserError(f"--oracle {oracle_path} is neither a model directory nor an oracle's per_example.parquet")
         if "perturbed_outputs" not in splits["forget"].columns:
             raise UserError(f"forget quality (--oracle) needs a forget split with a 'perturbed_outputs' column (TOFU-style rows); {args.forget} has none")
-    if args.model.startswith(TINY_PREFIX) and not args.tokenizer:
-        raise UserError(f"--model {args.model} builds a model from config and needs --tokenizer DIR")
+    spec = model_settings(args)
+    spec.check()
 
     progress = not args.no_progress
     generation = GenerationSettings(progress=progress, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v is not None})
     scoring = ScoreSettings(max_length=args.max_length, min_k=args.min_k, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}))
     mmlu_settings = MMLUSettings(prompt=args.mmlu_prompt, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}))
     settings = EvalSettings(
-        template=Template(args.template).text, generation=generation, scoring=scoring, mmlu=mmlu_settings,
+        template=data.template, generation=generation, scoring=scoring, mmlu=mmlu_settings,
         generate=not args.no_generate, mia=mia, mia_attack=args.mia_attack or "loss", progress=progress,
     )
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, tokenizer, dtype=args.dtype, device=args.device, seed=args.seed)
+    tokenizer = spec.load_tokenizer()
+    model = spec.load(tokenizer, seed=args.seed)
     if args.oracle and oracle is None:
-        oracle = load_model(args.oracle, tokenizer, dtype=args.dtype, device=args.device)
+        oracle = replace(spec, model=args.oracle).load(tokenizer)
     metrics, per_example = run_evaluate(model, tokenizer, splits, holdout=holdout, mmlu=mmlu, oracle=oracle, settings=settings)
     metrics["inputs"] = {
-        "model": args.model, "tokenizer": args.tokenizer or args.model, "forget": args.forget, "retain": args.retain,
+        "model": args.model, "tokenizer": spec.tokenizer_dir, "forget": args.forget, "retain": args.retain,
         "holdout": args.holdout, "mmlu": args.mmlu, "oracle": args.oracle, "seed": args.seed, "columns": columns or None,
     }
     write_evaluation(out, metrics, per_example)
@@ -128,27 +167,44 @@ def evaluate(args) -> int:
     return 0
 
 
+def relearn_arguments(p) -> None:
+    from analysis.relearn import RelearnSettings
+
+    add_model(p)
+    p.add_argument("--forget", required=True, metavar="FILE", help="the forget split (parquet, jsonl or csv)")
+    add_settings(p, RelearnSettings, RELEARN_FLAGS)
+    add_progress(p)
+    add_data(p)
+    add_common(p, "directory for relearn.json")
+
+
 def attack_relearn(args) -> int:
-    """`soir attack relearn`."""
-    from analysis.relearn import RelearnSettings, relearn_attack, split_by_subject, summary_table
-    from soir.data import Template
+    """The relearning attack: split --forget by person/document (the id without its SemEval suffix),
+    finetune a copy of --model for --steps on --fraction of them, and report forget metrics
+    (teacher-forced accuracy, QA exact match, ROUGE-L recall) on the held-back people before and
+    after. Writes relearn.json."""
+    from analysis.relearn import (
+        RelearnSettings,
+        relearn_attack,
+        split_by_subject,
+        summary_table,
+    )
     from soir.io import write_json
-    from soir.models import TINY_PREFIX, load_tokenizer
+    from soir.models import TINY_PREFIX
 
     out = Path(args.out)
     check_out_dir(out, overwrite=True)  # writes named files only: any directory will do
-    settings = RelearnSettings(
-        fraction=args.fraction, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        template=Template(args.template).text, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
-    )
+    data = data_settings(args)
+    settings = from_args(RelearnSettings, args, RELEARN_FLAGS, seed=args.seed, template=data.template, max_length=data.max_length,
+                         progress=not args.no_progress)
     forget = _read("forget", args.forget, parse_column_map(args.columns))
     split_by_subject(forget, settings.fraction, settings.seed)  # fails early when the set cannot be split
     if args.model.startswith(TINY_PREFIX):
         raise UserError("the relearning attack needs a trained model directory, not tiny:*")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    spec = model_settings(args)
+    tokenizer = spec.load_tokenizer()
     result = relearn_attack(args.model, tokenizer, forget, settings=settings, device=args.device, dtype=args.dtype)
-    result["inputs"] = {"model": args.model, "tokenizer": args.tokenizer or args.model, "forget": args.forget}
+    result["inputs"] = {"model": args.model, "tokenizer": spec.tokenizer_dir, "forget": args.forget}
     write_json(out / "relearn.json", result)
     table = summary_table(result)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))

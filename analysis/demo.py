@@ -21,7 +21,7 @@ import pandas as pd
 
 from soir.data import answer_accuracy, encode, pad_id, read_split, teacher_forced
 from soir.io import check_out_dir, write_json
-from soir.models import TinySize, load_model, load_tokenizer
+from soir.models import ModelSettings, TinySize, load_model, load_tokenizer
 from soir.synth import SynthSettings, write_testbed
 from unlearn.finetune import FinetuneSettings, finetune
 from unlearn.loop import TrainSettings
@@ -67,13 +67,14 @@ def build_testbed(out: str | Path, recipe: TestbedRecipe = TestbedRecipe(), prog
     out = Path(out)
     data = out / "data"
     write_testbed(data, recipe.synth)
-    train = TrainSettings(steps=recipe.base_steps, lr=recipe.lr, seed=recipe.seed, progress=progress)
-    common = dict(batch_size=recipe.batch_size, size=recipe.size, overwrite=True)
-    finetune(FinetuneSettings(model="tiny:olmo", tokenizer=str(data / "tokenizer"), data=(str(data / "general.parquet"),), out=str(out / "base"), train=train, **common))
-    train = TrainSettings(steps=recipe.finetune_steps, lr=recipe.lr, seed=recipe.seed, progress=progress)
+    train = TrainSettings(steps=recipe.base_steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress)
+    tiny = ModelSettings("tiny:olmo", tokenizer=str(data / "tokenizer"), size=recipe.size)
+    finetune(FinetuneSettings(model=tiny, data=(str(data / "general.parquet"),), out=str(out / "base"), train=train, overwrite=True))
+    train = TrainSettings(steps=recipe.finetune_steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress)
+    base = ModelSettings(str(out / "base"))
     member_data = (str(data / "forget.parquet"), str(data / "retain.parquet"))
-    finetune(FinetuneSettings(model=str(out / "base"), data=member_data, out=str(out / "finetuned"), train=train, **common))
-    finetune(FinetuneSettings(model=str(out / "base"), data=(str(data / "retain.parquet"),), out=str(out / "oracle"), train=train, **common))
+    finetune(FinetuneSettings(model=base, data=member_data, out=str(out / "finetuned"), train=train, overwrite=True))
+    finetune(FinetuneSettings(model=base, data=(str(data / "retain.parquet"),), out=str(out / "oracle"), train=train, overwrite=True))
     return {"data": data, "base": out / "base", "finetuned": out / "finetuned", "oracle": out / "oracle"}
 
 
@@ -95,7 +96,7 @@ def localized_unlearning(paths: dict[str, Path], out: Path, recipe: UnlearnRecip
         mask_dir = select(ranking, model, SelectSettings(top=recipe.top, by="params")).save(out / "masks" / score)
         target = out / f"unlearned-{score}"
         unlearn(UnlearnSettings(
-            model=str(paths["finetuned"]), forget=(str(data / "forget.parquet"),), retain=(str(data / "retain.parquet"),),
+            model=ModelSettings(str(paths["finetuned"]), dtype="float32"), forget=(str(data / "forget.parquet"),), retain=(str(data / "retain.parquet"),),
             out=str(target), objective=recipe.objective, weights=ObjectiveSettings(w_retain=recipe.w_retain), mask=str(mask_dir),
             train=TrainSettings(steps=recipe.steps, lr=recipe.lr, seed=recipe.seed, progress=progress), overwrite=True,
         ))
@@ -165,8 +166,17 @@ def evaluation_table(models: dict[str, Path], data: Path, out: Path, oracle: str
     return pd.DataFrame.from_dict(rows, orient="index").reindex(list(models)).astype(float)
 
 
+def demo_arguments(p) -> None:
+    from soir.flags import add_common, add_progress
+
+    add_common(p, "directory for every artifact of the study")
+    p.add_argument("--quick", action="store_true", help="a reduced testbed that runs in well under a minute")
+    add_progress(p)
+
+
 def run(args) -> int:
-    """`soir demo`."""
+    """The whole study on the built-in testbed: build the testbed (data, tokenizer), train the base model
+    on `general`, finetune it on forget + retain, rank, unlearn and evaluate, and write report.md."""
     out = check_out_dir(args.out, "demo.json")
     recipe = TestbedRecipe.quick(args.seed) if args.quick else TestbedRecipe(synth=SynthSettings(seed=args.seed), seed=args.seed)
     start = time.perf_counter()

@@ -1,18 +1,17 @@
-"""Evaluate a model on its splits: SemEval-2025 Task 4 metrics, MIA, MMLU and TOFU-style (DESIGN.md §8).
+"""Evaluate a model on its splits: SemEval-2025 Task 4 metrics, MIA, MMLU and TOFU-style (docs/design.md §8).
 
 `evaluate` returns the aggregates (a flat, JSON-ready dict that also records the settings) and
 a per-example table; `write_evaluation` writes them as `metrics.json` and
 `per_example.parquet`, each atomically.
 
 Per row of every split:
-- greedy generation from `template.prompt(input)` -> `rouge_l_recall` and `exact_match`
-  against `output`. Rows are classified by `soir.data.row_kind`: `qa` ids (`…qa0`-`…qa4`)
+- greedy generation from `template.prompt(input)` -> every registered text metric
+  (`analysis.metrics.TEXT_METRICS`: `rouge_l_recall`, `exact_match`, …) against `output`. Rows are classified by `soir.data.row_kind`: `qa` ids (`…qa0`-`…qa4`)
   count towards knowledge (exact match), every other row (`…sc1`, or no SemEval id, scored
   as a completion) towards regurgitation (ROUGE-L recall);
 - one teacher-forced pass -> `loss`, `probability`, `accuracy` and the MIA scores `zlib`,
   `min_k`, `min_k_pp` (see `analysis.metrics.sequence_scores` for the tokens scored);
-- with `paraphrased_input`: generation from it -> `paraphrased_exact_match`,
-  `paraphrased_rouge_l_recall`;
+- with `paraphrased_input`: generation from it -> `paraphrased_<metric>` of every text metric;
 - with `perturbed_outputs` (a list): TOFU `truth_ratio` of the perturbed answers against
   `paraphrased_output` (or `output` where that is missing), and `truth_ratio_score`
   (min(R, 1/R) on the forget split, max(0, 1 - R) elsewhere).
@@ -21,8 +20,6 @@ Holdout rows (non-members for MIA) get the teacher-forced scores only.
 
 from __future__ import annotations
 
-import ast
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,14 +31,13 @@ import pandas as pd
 from analysis.generation import GenerationSettings, generate
 from analysis.metrics import (
     MIA_ATTACKS,
+    TEXT_METRICS,
     ScoreSettings,
-    exact_match,
     final_score,
     forget_quality,
     mia_results,
     model_utility,
     pooled_accuracy,
-    rouge_l_recall,
     sequence_scores,
     task_aggregate,
     truth_ratio,
@@ -49,18 +45,29 @@ from analysis.metrics import (
     truth_ratio_retain_score,
 )
 from analysis.mmlu import MMLUSettings, mmlu_accuracy
-from soir.data import Template, row_kind
+from soir.data import Template, list_cell, row_kind
 from soir.errors import UserError
 from soir.io import write_json, write_parquet
 
 ALL_TASKS = "all"
 HOLDOUT = "holdout"
-PER_EXAMPLE_COLUMNS = (
+PER_EXAMPLE_COLUMNS = (  # the built-in columns; registered text metrics beyond these are appended
     "id", "split", "task", "kind", "generation", "rouge_l_recall", "exact_match",
     "probability", "accuracy", "loss", "n_tokens", "zlib", "min_k", "min_k_pp",
     "truth_ratio", "truth_ratio_score", "paraphrased_generation", "paraphrased_exact_match",
     "paraphrased_rouge_l_recall", "mc_correct",
 )
+
+
+def per_example_columns() -> list[str]:
+    """The columns of `per_example.parquet`: the built-in ones, then one (and its paraphrased
+    twin) per registered text metric that is not built in."""
+    extra = [c for name in TEXT_METRICS if name not in PER_EXAMPLE_COLUMNS for c in (name, f"paraphrased_{name}")]
+    return list(PER_EXAMPLE_COLUMNS) + extra
+
+
+def _text_scores(texts, references) -> dict[str, list[float]]:
+    return {name: [metric(t, r) for t, r in zip(texts, references)] for name, metric in TEXT_METRICS.items()}
 
 
 @dataclass(frozen=True)
@@ -107,22 +114,10 @@ def _present(value) -> bool:
 
 def _as_list(value) -> list[str]:
     """A `perturbed_outputs` cell as a list of strings (list, array, JSON/Python list text, or missing)."""
-    if not _present(value):
+    value = list_cell(value)
+    if value is None:
         return []
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return []
-        try:
-            value = json.loads(text)
-        except ValueError:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                return [text]
-        if isinstance(value, str):
-            return [value]
-    return [str(x) for x in list(value)]
+    return [str(x) for x in value] if isinstance(value, list) else [str(value)]
 
 
 def _check_split(name: str, frame: pd.DataFrame) -> None:
@@ -178,22 +173,23 @@ def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: Eval
             "kind": [row_kind(i) for i in ids],
         }
     )
-    for column in PER_EXAMPLE_COLUMNS[4:]:
+    columns = per_example_columns()
+    for column in columns[4:]:
         out[column] = None if column.endswith("generation") else np.nan
     inputs, references = frame["input"].astype(str).tolist(), frame["output"].astype(str).tolist()
 
     if generate_text and settings.generate:
         texts = generate(model, tokenizer, inputs, generation, template, desc=f"generate {name}")
         out["generation"] = texts
-        out["rouge_l_recall"] = [rouge_l_recall(t, r) for t, r in zip(texts, references)]
-        out["exact_match"] = [exact_match(t, r) for t, r in zip(texts, references)]
+        for metric, values in _text_scores(texts, references).items():
+            out[metric] = values
         if "paraphrased_input" in frame.columns:
             rows = [i for i, v in enumerate(frame["paraphrased_input"]) if _present(v) and str(v).strip()]
             if rows:
                 texts = generate(model, tokenizer, [str(frame["paraphrased_input"][i]) for i in rows], generation, template, desc=f"generate {name} (paraphrased)")
                 out.loc[rows, "paraphrased_generation"] = pd.Series(texts, index=rows, dtype=object)
-                out.loc[rows, "paraphrased_exact_match"] = [exact_match(t, references[i]) for t, i in zip(texts, rows)]
-                out.loc[rows, "paraphrased_rouge_l_recall"] = [rouge_l_recall(t, references[i]) for t, i in zip(texts, rows)]
+                for metric, values in _text_scores(texts, [references[i] for i in rows]).items():
+                    out.loc[rows, f"paraphrased_{metric}"] = values
 
     scores = sequence_scores(model, tokenizer, inputs, references, template=template, settings=scoring, desc=f"score {name}")
     for column in scores.columns:
@@ -203,7 +199,7 @@ def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: Eval
     out["truth_ratio"] = ratios
     to_score = truth_ratio_forget_score if name == settings.forget_split else truth_ratio_retain_score
     out["truth_ratio_score"] = [np.nan if math.isnan(r) else to_score(r) for r in ratios]
-    return out[list(PER_EXAMPLE_COLUMNS)]
+    return out[columns]
 
 
 def _progress(settings: EvalSettings) -> tuple[GenerationSettings, ScoreSettings]:
@@ -229,7 +225,8 @@ def split_aggregates(per_example: pd.DataFrame, name: str) -> dict[str, float]:
         f"{name}/regurgitation": _mean(sc["rouge_l_recall"]),
         f"{name}/knowledge": _mean(qa["exact_match"]),
     }
-    for column in ("rouge_l_recall", "exact_match", "probability", "loss", "truth_ratio", "truth_ratio_score", "paraphrased_exact_match", "paraphrased_rouge_l_recall"):
+    metric_columns = [c for name in TEXT_METRICS for c in (name, f"paraphrased_{name}")]
+    for column in [*metric_columns, "probability", "loss", "truth_ratio", "truth_ratio_score"]:
         result[f"{name}/{column}"] = _mean(rows[column])
     result[f"{name}/accuracy"] = pooled_accuracy(rows)
     for task in sorted(rows["task"].unique()):
@@ -339,10 +336,11 @@ def evaluate(
             metrics[f"mmlu/subject/{subject}"] = value
         rows = result.per_question
         mc = pd.DataFrame({"id": [f"mmlu-{i}" for i in range(len(rows))], "split": "mmlu", "task": rows["subject"].astype(str), "kind": "mc"})
-        for column in PER_EXAMPLE_COLUMNS[4:]:
+        columns = per_example_columns()
+        for column in columns[4:]:
             mc[column] = None if column.endswith("generation") else np.nan
         mc["mc_correct"] = rows["correct"].to_numpy()
-        per_example = pd.concat([per_example, mc[list(PER_EXAMPLE_COLUMNS)]], ignore_index=True)
+        per_example = pd.concat([per_example, mc[columns]], ignore_index=True)
 
     if oracle is not None:
         forget_rows = per_example[per_example["split"] == settings.forget_split]["truth_ratio"].to_numpy(dtype=float)

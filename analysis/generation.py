@@ -1,4 +1,4 @@
-"""Batched greedy decoding for evaluation (DESIGN.md §8: regurgitation and knowledge).
+"""Batched greedy decoding for evaluation (docs/design.md §8: regurgitation and knowledge).
 
 Prompts are built with the data contract's `Template.prompt` and tokenized exactly as
 `soir.data.encode` tokenizes them, then left-padded with `soir.data.collate(side="left")`.
@@ -14,16 +14,16 @@ included) and has no sampling or generation-config surprises; a test checks it a
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from soir.data import Template, collate, pad_id
 from soir.errors import UserError
+from soir.runtime import device_of, dtype_of, eval_mode
 
 
 @dataclass(frozen=True)
@@ -50,25 +50,6 @@ class GenerationSettings:
             raise UserError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
 
 
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Run with the model in eval mode and gradients off; restore its training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 def prompt_token_ids(tokenizer, inputs: Sequence[str], template: Template = Template(), max_prompt_tokens: int = 512) -> list[list[int]]:
     """Token ids of each row's prompt, as `soir.data.encode` makes them; long prompts keep their right end."""
     prompts = [template.prompt(str(text)) for text in inputs]
@@ -84,14 +65,6 @@ def prompt_token_ids(tokenizer, inputs: Sequence[str], template: Template = Temp
     return ids
 
 
-def model_dtype(model) -> torch.dtype:
-    """The floating dtype of the model's first parameter (float32 for a parameterless module)."""
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
 def needs_explicit_mask(model) -> bool:
     """True for eager attention in float64, where transformers' own mask breaks left padding.
 
@@ -101,7 +74,7 @@ def needs_explicit_mask(model) -> bool:
     additive mask there, with a large finite negative value.
     """
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) == "eager" and model_dtype(model) == torch.float64
+    return getattr(config, "_attn_implementation", None) == "eager" and dtype_of(model) == torch.float64
 
 
 def additive_mask(padding: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -120,7 +93,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad: i
     Rows that have emitted EOS keep being fed `pad` (their outputs are ignored); the loop stops
     when every row is done or after `max_new_tokens` steps.
     """
-    device = model_device(model)
+    device = device_of(model)
     batch = collate(prompts, None, pad, side="left")
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
@@ -131,7 +104,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad: i
     step_ids, step_positions = input_ids, positions
     explicit = needs_explicit_mask(model)
     for _ in range(max_new_tokens):
-        step_mask = additive_mask(mask, step_ids.shape[1], model_dtype(model)) if explicit else mask
+        step_mask = additive_mask(mask, step_ids.shape[1], dtype_of(model)) if explicit else mask
         out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=past, use_cache=True)
         past = getattr(out, "past_key_values", None)
         next_ids = out.logits[:, -1].argmax(-1)
@@ -160,7 +133,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad: i
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     result: list[list[int]] = [[] for _ in prompts]
     starts = range(0, len(order), settings.batch_size)
-    with eval_mode(model):
+    with eval_mode(model, no_grad=True):
         for start in tqdm(starts, desc=desc, disable=not settings.progress, leave=False):
             rows = order[start : start + settings.batch_size]
             outputs = greedy_batch(model, [prompts[i] for i in rows], eos_id=eos_id, pad=pad, max_new_tokens=settings.max_new_tokens)

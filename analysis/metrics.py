@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §8): SemEval-2025 Task 4, membership inference and TOFU-style.
+"""Evaluation metrics (docs/design.md §8): SemEval-2025 Task 4, membership inference and TOFU-style.
 
 Pure functions on strings and numbers (ROUGE-L recall, exact match, AUC, harmonic-mean
 aggregates, truth ratio, forget quality, model utility), plus `sequence_scores`, which gets
@@ -25,8 +25,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from analysis.generation import eval_mode, model_device
-from soir.data import IGNORE_INDEX, Template, answer_hits, collate, encode, pad_id, per_example_loss
+from soir.data import (
+    IGNORE_INDEX,
+    Template,
+    answer_hits,
+    collate,
+    encode,
+    pad_id,
+    per_example_loss,
+)
+from soir.registry import Registry
+from soir.runtime import device_of, eval_mode, lm_logits, to_device
 
 # ---------------------------------------------------------------- text metrics
 
@@ -48,10 +57,12 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(str(prediction).strip().lower() == str(reference).strip().lower())
 
 
-TEXT_METRICS: dict[str, Callable[[str, str], float]] = {
-    "rouge_l_recall": rouge_l_recall,
-    "exact_match": exact_match,
-}
+# Per-row metrics of a generation against its reference, registered by name: `soir evaluate`
+# scores every generated row with each (a per-example column NAME, and NAME_paraphrased-style
+# columns on paraphrased questions) and reports the split means as `SPLIT/NAME`.
+TEXT_METRICS: Registry[Callable[[str, str], float]] = Registry("metric")
+TEXT_METRICS.register("rouge_l_recall", rouge_l_recall, help="ROUGE-L recall against the reference (SemEval regurgitation)")
+TEXT_METRICS.register("exact_match", exact_match, help="stripped, lower-cased equality (SemEval knowledge)")
 
 
 # ---------------------------------------------------------------- membership inference
@@ -177,16 +188,16 @@ def sequence_scores(
         return pd.DataFrame({c: pd.Series(dtype=float) for c in SCORE_COLUMNS})
     frame = pd.DataFrame({"id": [str(i) for i in range(len(inputs))], "input": inputs, "output": outputs})
     data = encode(frame, tokenizer, template, settings.max_length)
-    device = model_device(model)
+    device = device_of(model)
     pad = pad_id(tokenizer)
     columns: dict[str, list[float]] = {c: [] for c in SCORE_COLUMNS}
     starts = range(0, len(data), settings.batch_size)
-    with eval_mode(model):
+    with eval_mode(model, no_grad=True):
         for start in tqdm(starts, desc=desc, disable=not settings.progress, leave=False):
             stop = start + settings.batch_size
             batch = collate(data.input_ids[start:stop], data.labels[start:stop], pad)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = to_device(batch, device)
+            logits = lm_logits(model, batch)
             labels = batch["labels"]
             loss = per_example_loss(logits, labels)
             hits, counts = answer_hits(logits, labels)

@@ -1,4 +1,4 @@
-"""MMLU-style multiple-choice accuracy from a local file (DESIGN.md §8), by option likelihood.
+"""MMLU-style multiple-choice accuracy from a local file (docs/design.md §8), by option likelihood.
 
 Layouts read (parquet, JSON Lines or CSV):
 - the Hugging Face layout: `question`, `choices` (a list; a JSON/Python list string in CSV),
@@ -17,8 +17,6 @@ questions (`accuracy`), per subject, and as the mean over subjects (`accuracy_ma
 
 from __future__ import annotations
 
-import ast
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,9 +26,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from analysis.generation import eval_mode, model_device
-from soir.data import IGNORE_INDEX, collate, pad_id, token_nll
+from soir.data import IGNORE_INDEX, collate, list_cell, pad_id, token_nll
 from soir.errors import UserError
+from soir.runtime import device_of, eval_mode, lm_logits, to_device
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -79,19 +77,10 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _parse_choices(value, path: Path, row: int) -> list[str]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise UserError(f"{path}: row {row}: `choices` is not a list: {value[:60]!r}") from None
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) == 0:
-        raise UserError(f"{path}: row {row}: `choices` must be a non-empty list, got {value!r}")
-    return [str(x) for x in value]
+    choices = list_cell(value)
+    if not isinstance(choices, list) or len(choices) == 0:
+        raise UserError(f"{path}: row {row}: `choices` must be a non-empty list, got {str(value)[:60]!r}")
+    return [str(x) for x in choices]
 
 
 def _parse_answer(value, n_choices: int, path: Path, row: int) -> int:
@@ -155,16 +144,16 @@ def option_scores(model, tokenizer, questions: pd.DataFrame, settings: MMLUSetti
             pairs.append((q, prompt, option))
     if truncated:
         warnings.warn(f"{truncated} MMLU question-option pairs were longer than {settings.max_length} tokens and lost prompt tokens from the left")
-    device = model_device(model)
+    device = device_of(model)
     pad = pad_id(tokenizer)
     totals: list[float] = []
-    with eval_mode(model):
+    with eval_mode(model, no_grad=True):
         for start in tqdm(range(0, len(pairs), settings.batch_size), desc="mmlu", disable=not settings.progress, leave=False):
             chunk = pairs[start : start + settings.batch_size]
             ids = [p + o for _, p, o in chunk]
             labels = [[IGNORE_INDEX] * len(p) + o for _, p, o in chunk]
-            batch = {k: v.to(device) for k, v in collate(ids, labels, pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = to_device(collate(ids, labels, pad), device)
+            logits = lm_logits(model, batch)
             nll, _ = token_nll(logits, batch["labels"])
             totals.extend((-nll.double().sum(1)).tolist())
     scores: list[list[float]] = [[] for _ in range(len(questions))]

@@ -1,4 +1,4 @@
-"""The relearning attack (DESIGN.md §8, robustness probes): does forgetting survive a little finetuning?
+"""The relearning attack (docs/design.md §8, robustness probes): does forgetting survive a little finetuning?
 
 An attacker who holds part of the forget set finetunes the unlearned model on it for a few
 steps, then we measure the forget metrics on the REST of the forget set. If unlearning only
@@ -37,6 +37,7 @@ from analysis.generation import GenerationSettings
 from analysis.metrics import ScoreSettings, pooled_accuracy
 from soir.data import SEMEVAL_ID, BatchStream, Template, encode, pad_id
 from soir.errors import UserError
+from soir.settings import setting
 from unlearn.loop import Trainer, TrainSettings
 from unlearn.objectives import get_objective
 
@@ -50,14 +51,14 @@ class RelearnSettings:
     generate=False measures teacher-forced metrics only (accuracy, probability; no exact match or ROUGE).
     """
 
-    fraction: float = 0.5
-    steps: int = 20
-    lr: float = 1e-3
-    batch_size: int = 32
+    fraction: float = setting(0.5, "fraction of the forget people/documents the attacker trains on")
+    steps: int = setting(20, "finetuning steps of the attack")
+    lr: float = setting(1e-3, "constant AdamW learning rate of the attack")
+    batch_size: int = setting(32, "rows per attack batch")
     seed: int = 0
     template: str = Template().text
     max_length: int = 256
-    max_new_tokens: int = 64
+    max_new_tokens: int = setting(64, "generated tokens per row when measuring")
     eval_batch_size: int = 16
     generate: bool = True
     progress: bool = True

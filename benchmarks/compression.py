@@ -44,13 +44,26 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from soir.data import encode, example_losses, pad_id, read_split  # noqa: E402
+from soir.curvature import hvp_quadratic_forms  # noqa: E402
+from soir.data import (  # noqa: E402
+    encode,
+    example_losses,
+    pad_id,
+    read_split,
+    split_batches,  # noqa: E402
+)
 from soir.gradients import mean_gradient, per_example_grads  # noqa: E402
-from soir.groups import gather, parameter_groups  # noqa: E402
+from soir.groups import parameter_groups  # noqa: E402
 from soir.models import load_model, load_tokenizer  # noqa: E402
-from soir.ranking import RankSettings, SketchPlan, _versions, hvp_quadratic_forms, rank, split_batches  # noqa: E402
+from soir.ranking import RankSettings, rank  # noqa: E402
+from soir.runtime import versions  # noqa: E402
 from soir.scores import soir_components, soir_datainf  # noqa: E402
-from soir.sketch import FactoredSketcher, make_sketch, matrix_modules  # noqa: E402
+from soir.sketch import (  # noqa: E402
+    FactoredSketcher,
+    SketchPlan,  # noqa: E402
+    make_sketch,
+    matrix_modules,
+)
 
 KINDS = ("gaussian", "rademacher", "sjlt", "oporp", "factored")
 THESIS = {"mlp_only_k1024": 0.82, "all_tensors_k1024": 0.01, "target_all_tensors_k1024": 0.95}
@@ -314,7 +327,7 @@ def main(argv=None) -> int:
     rb = split_batches(retain, pad, args.batch_size, args.max_examples, 1)
     groups = parameter_groups(model, "tensor")
     summary = {"model": args.model, "data": str(data), "groups": len(groups), "n_params": sum(g.n_params for g in groups),
-               "threads": torch.get_num_threads(), "device": "cpu", "versions": _versions(), "thesis": THESIS,
+               "threads": torch.get_num_threads(), "device": "cpu", "versions": versions(), "thesis": THESIS,
                "settings": {k: v for k, v in vars(args).items()}}
     log(f"{len(groups)} tensor groups, {summary['n_params']:,} parameters; forget {len(forget)}, retain {len(retain)} rows; "
         f"{torch.get_num_threads()} threads")

@@ -1,6 +1,6 @@
 """Batched greedy generation against one row at a time, on the testbed's finetuned model.
 
-The evaluation generates a continuation for every row (DESIGN.md §8); this measures that
+The evaluation generates a continuation for every row (docs/design.md §8); this measures that
 step on N testbed rows (forget, retain, holdout, general; cycled when N exceeds them) with
 `analysis.generation.generate_ids` at batch size 1 and at larger batch sizes, same prompts,
 same `max_new_tokens`. Runs alternate (1, 16, 64, 1, 16, 64, ...) so drifting machine load

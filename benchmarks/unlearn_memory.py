@@ -1,4 +1,4 @@
-"""Peak memory and time per step of KL unlearning (DESIGN.md §7), three ways:
+"""Peak memory and time per step of KL unlearning (docs/design.md §7), three ways:
 
   (a) full     every parameter trained; the reference is a full copy of the model (CopyReference)
   (b) copy     a ~10% tensor mask, but still a full copy of the model as reference

@@ -1,4 +1,9 @@
-"""Command-line handlers of the `soir` package's own subcommands (`data synth`)."""
+"""The `soir` package's subcommands: `data synth`, `rank`, `select`.
+
+Each subcommand is a pair: `<name>_arguments(parser)` defines its flags (choices and help from
+the registries, defaults from the settings) and `<name>(args)` runs it by turning the flags into
+settings and calling the stage's function. The dispatcher (`soirlab.cli`) imports them lazily.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +11,79 @@ import dataclasses
 from pathlib import Path
 
 from soir.errors import UserError
+from soir.flags import (
+    add_common,
+    add_data,
+    add_model,
+    add_progress,
+    add_selection,
+    model_settings,
+    selection_settings,
+)
 from soir.io import atomic_path, check_out_dir
+from soir.settings import add_settings, from_args
 
 
-def synth(args) -> int:
-    """`soir data synth`: write the testbed splits and tokenizer."""
-    from soir.synth import SynthSettings, write_testbed
-
-    out = check_out_dir(args.out, "synth.json")
-    names = [f.name for f in dataclasses.fields(SynthSettings)]
-    settings = SynthSettings(**{name: getattr(args, name) for name in names})
-    paths = write_testbed(out, settings)
-    print(f"testbed written to {out}: " + ", ".join(sorted(p.name for p in paths.values())))
-    return 0
-
-
-def _write_dir(out: Path, write) -> None:
+def write_dir(out: Path, write) -> None:
     """Write a whole output directory atomically (replacing an earlier output of the same command)."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         write(tmp)
 
 
+# ---------------------------------------------------------------- soir data synth
+
+
+def synth_arguments(p) -> None:
+    from soir.synth import SynthSettings
+
+    add_common(p, "directory for the splits and tokenizer/")
+    add_settings(p, SynthSettings, [f.name for f in dataclasses.fields(SynthSettings) if f.name != "seed"])
+
+
+def synth(args) -> int:
+    """Write forget/retain/holdout/general splits (parquet, SemEval-2025 Task 4 schema), general_mc (MMLU
+    layout) and tokenizer/ (byte-level BPE, loadable by AutoTokenizer). Same seed, same files."""
+    from soir.synth import SynthSettings, write_testbed
+
+    out = check_out_dir(args.out, "synth.json")
+    settings = SynthSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthSettings)})
+    paths = write_testbed(out, settings)
+    print(f"testbed written to {out}: " + ", ".join(sorted(p.name for p in paths.values())))
+    return 0
+
+
+# ---------------------------------------------------------------- soir rank
+
+
+RANK_FLAGS = ("granularity", "norms", "curvature", "sketch", "dim", "batch_size", "max_examples", "include", "exclude")
+
+
+def rank_arguments(p) -> None:
+    from soir.ranking import RankSettings
+
+    add_model(p, dtype="float32", required=False)
+    p.add_argument("--forget", metavar="FILE", help="the forget split (parquet, jsonl or csv; required unless --from-sketches)")
+    p.add_argument("--retain", metavar="FILE", help="the retain split (parquet, jsonl or csv; required unless --from-sketches)")
+    p.add_argument("--base", metavar="DIR", help="the model before finetuning (needed by --score shift)")
+    # with --from-sketches, these three default to the saved ones: no default here
+    add_settings(p, RankSettings, ("score", "delta", "lam"), defaults={"score": None, "delta": None, "lam": None})
+    add_settings(p, RankSettings, RANK_FLAGS)
+    p.add_argument("--save-sketches", action="store_true", help="also write OUT/sketches/ (safetensors + manifest): the per-group gradients, sketches and curvature terms the score came from, for --from-sketches")
+    p.add_argument("--from-sketches", metavar="DIR", help="rank again from saved sketches (a --save-sketches output, or its sketches/) without a model pass: only --score, --delta, --lam may change; the other ranking flags are the saved ones")
+    add_progress(p)
+    add_data(p)
+    add_common(p, "directory for ranking.parquet and ranking.json (and sketches/ with --save-sketches)")
+
+
 def rank(args) -> int:
-    """`soir rank`: rank parameter groups and write ranking.parquet + ranking.json (and, with
-    --save-sketches, sketches/ holding the per-group quantities the scores came from); with
-    --from-sketches DIR, rank again from such saved quantities without a model pass."""
-    from soir.ranking import SETTINGS_FILE, SKETCHES_DIR, RankSettings, rerank, save_quantities
+    """Cut --model into parameter groups and rank them by --score on --forget/--retain. Writes
+    ranking.parquet (group, layer, kind, role, n_params, tied, score, rank, and the score's own
+    columns; for soir a, b, c_f, c_r, eta, forget_gain, retain_damage) and ranking.json (settings,
+    versions, seeds, timings); with --save-sketches also sketches/, the per-group quantities the
+    scores came from, and with --from-sketches DIR it ranks again from those without a model pass."""
+    from soir.quantities import SKETCHES_DIR
+    from soir.ranking import SETTINGS_FILE, RankSettings, rerank
 
     from_sketches, save = args.from_sketches, args.save_sketches
     given = [flag for flag, value in (("--model", args.model), ("--forget", args.forget), ("--retain", args.retain)) if value]
@@ -51,20 +102,16 @@ def rank(args) -> int:
         ranking = rerank(from_sketches, score=args.score, delta=args.delta, lam=args.lam)
         settings = ranking.settings
     else:
-        settings = RankSettings(
-            score=args.score or defaults.score, granularity=args.granularity, norms=args.norms, curvature=args.curvature,
-            sketch=args.sketch, dim=args.dim, delta=defaults.delta if args.delta is None else args.delta,
-            lam=defaults.lam if args.lam is None else args.lam, batch_size=args.batch_size, max_examples=args.max_examples,
-            seed=args.seed, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
-        )
+        chosen = {k: getattr(defaults, k) if getattr(args, k) is None else getattr(args, k) for k in ("score", "delta", "lam")}
+        settings = from_args(RankSettings, args, RANK_FLAGS, seed=args.seed, **chosen)
         ranking = _rank_from_model(args, settings, keep_quantities=save)
 
     def write(tmp: Path) -> None:
         ranking.save(tmp)
         if save:
-            save_quantities(tmp / SKETCHES_DIR, ranking)
+            ranking.save_quantities(tmp / SKETCHES_DIR)
 
-    _write_dir(out, write)
+    write_dir(out, write)
     top = ranking.ranked().head(5)
     order = "ascending: lower is better" if ranking.lower_is_better else "descending: higher is better"
     how = f"from the sketches at {ranking.info['from_sketches']}" if from_sketches else f"in {ranking.info['timings_s']['total']:.1f} s"
@@ -77,50 +124,59 @@ def _rank_from_model(args, settings, keep_quantities: bool):
     """The model pass of `soir rank`: read the splits, load the model(s), rank."""
     import torch
 
-    from soir.data import Template, encode, pad_id, parse_column_map, read_split
-    from soir.models import load_model, load_tokenizer
+    from soir.data import pad_id
+    from soir.flags import data_settings
     from soir.ranking import rank as rank_groups
+    from soir.scores import get_score
 
-    if settings.score == "shift" and not args.base:
-        raise UserError("--score shift ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
-    template = Template(args.template)
-    columns = parse_column_map(args.columns)
-    forget_frame = read_split(args.forget, columns)
-    retain_frame = read_split(args.retain, columns)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if "theta_base" in get_score(settings.score).needs and not args.base:
+        raise UserError(f"--score {settings.score} ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
+    data = data_settings(args)
+    model_spec = model_settings(args, dtype="float32")
+    forget_frame, retain_frame = data.read(args.forget), data.read(args.retain)
+    tokenizer = model_spec.load_tokenizer()
     torch.manual_seed(args.seed)
-    model = load_model(args.model, tokenizer, dtype=args.dtype, device=args.device, eager_attention=True, seed=args.seed)
-    base = load_model(args.base, tokenizer, dtype=args.dtype, device=args.device, eager_attention=True) if args.base else None
-    forget = encode(forget_frame, tokenizer, template, args.max_length)
-    retain = encode(retain_frame, tokenizer, template, args.max_length)
-    ranking = rank_groups(model, forget, retain, pad_id(tokenizer), settings, base_model=base, progress=not args.no_progress,
-                          keep_quantities=keep_quantities)
+    model = model_spec.load(tokenizer, eager_attention=True, seed=args.seed)
+    base = dataclasses.replace(model_spec, model=args.base).load(tokenizer, eager_attention=True) if args.base else None
+    ranking = rank_groups(model, data.encode(forget_frame, tokenizer), data.encode(retain_frame, tokenizer), pad_id(tokenizer), settings,
+                          base_model=base, progress=not args.no_progress, keep_quantities=keep_quantities)
     ranking.info["inputs"] = {
-        "model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "base": args.base,
+        "model": str(args.model), "tokenizer": model_spec.tokenizer_dir, "base": args.base,
         "forget": str(args.forget), "retain": str(args.retain), "template": args.template, "columns": args.columns,
         "max_length": args.max_length,
     }
     return ranking
 
 
+# ---------------------------------------------------------------- soir select
+
+
+def select_arguments(p) -> None:
+    p.add_argument("--ranking", required=True, metavar="DIR|FILE", help="a `soir rank` output directory, or its ranking.parquet / ranking.json")
+    p.add_argument("--model", required=True, metavar="DIR|tiny:ARCH", help="the model the ranking was made for")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (only for tiny:*)")
+    add_selection(p, with_ranking=False)
+    add_common(p, "directory for mask.safetensors and mask.json")
+
+
 def select(args) -> int:
-    """`soir select`: make a mask from a ranking and write mask.safetensors + mask.json."""
+    """Select the top fraction of a ranking's groups (or of their parameters) for --model and write
+    mask.safetensors + mask.json, the --mask of `soir unlearn`."""
     from soir.mask import SUMMARY_FILE
-    from soir.models import load_model, load_tokenizer
+    from soir.models import ModelSettings
     from soir.ranking import load as load_ranking
-    from soir.select import SelectSettings
     from soir.select import select as select_groups
 
     out = check_out_dir(args.out, SUMMARY_FILE)
-    settings = SelectSettings(top=args.top, by=args.by, per_kind=args.per_kind, offset=args.offset, bottom=args.bottom,
-                              include=tuple(args.include or ()), exclude=tuple(args.exclude or ()))
+    settings = selection_settings(args)
     ranking = load_ranking(args.ranking)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    model = load_model(args.model, tokenizer)
+    spec = ModelSettings(model=args.model, tokenizer=args.tokenizer)
+    spec.check()
+    model = spec.load(spec.load_tokenizer() if args.tokenizer else None)
     mask = select_groups(ranking, model, settings)
     mask.settings["ranking"]["path"] = str(args.ranking)
     mask.settings["model"] = str(args.model)
-    _write_dir(out, mask.save)
+    write_dir(out, mask.save)
     print(f"selected {mask.settings['n_groups']} of {mask.settings['n_candidates']} groups, "
           f"{mask.n_selected:,} of {mask.n_total:,} parameters ({mask.n_selected / max(mask.n_total, 1):.2%}); wrote {out / 'mask.safetensors'}")
     return 0

@@ -1,4 +1,4 @@
-"""Curvature of a split's loss restricted to a parameter group (DESIGN.md §5 'Curvature').
+"""Curvature of a split's loss restricted to parameter groups (docs/design.md §5 'Curvature').
 
 Everything here differentiates the *split loss* of §3: the mean over examples of each
 example's mean NLL over its labelled tokens. Only the parameters named in `param_names`
@@ -13,6 +13,9 @@ are variables; every other parameter and buffer is held fixed, so `hvp` returns 
   g_iᵀu per example; `exact_example_dots` uses exact per-example gradients
   (`soir.gradients.per_example_grads`).
 - `gauss_newton_product`: the exact Jᵀ H_logits J v, the reference for the estimator.
+- `hvp_quadratic_forms`, `ggn_quadratic_forms`: the batched forms c_S = v_Sᵀ H_SS v_S of many
+  groups at once, as `soir rank` computes them; registered by name in `CURVATURES`
+  (`--curvature`). The single-group functions above are their test references.
 
 Vectors and results are dicts {parameter name: tensor shaped like the parameter}.
 Batches are dicts of tensors with the examples along dim 0 (`soir.data.collate`); a
@@ -24,29 +27,30 @@ double backward. Dropout is switched off (eval mode) for the duration of each ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
-from soir.data import IGNORE_INDEX, example_losses, lm_logits
+from soir.data import IGNORE_INDEX, example_losses, n_examples
 from soir.errors import UserError
-from soir.gradients import (  # noqa: F401  (mean_gradient: the `soir` direction; used below)
+from soir.gradients import (
     Batch,
     LossFn,
     Params,
-    _batch_size,
-    _device,
-    _eval_mode,
-    _frozen,
-    _functional_loss,
-    _select,
-    _to,
     flatten_examples,
+    frozen_params,
     mean_gradient,
     per_example_grads,
+    select_params,
+    split_mean,
 )
+from soir.groups import Group, gather, scatter
+from soir.registry import Registry
+from soir.runtime import device_of, eval_mode, lm_inputs, lm_logits, to_device
+from soir.sketch import SketchPlan, param_names
 
 METHODS = ("jvp", "double-backward", "auto")
 
@@ -64,10 +68,10 @@ def require_eager(model: nn.Module) -> None:
 def split_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = example_losses) -> Tensor:
     """Mean over all examples of the per-example loss, over a list of collated batches."""
     total, count = 0.0, 0
-    device = _device(model)
-    with _eval_mode(model):
+    device = device_of(model)
+    with eval_mode(model):
         for batch in batches:
-            losses = loss_fn(model, _to(batch, device))
+            losses = loss_fn(model, to_device(batch, device))
             total = total + losses.sum()
             count += losses.numel()
     if count == 0:
@@ -113,31 +117,24 @@ def hvp(
     if method not in METHODS:
         raise UserError(f"unknown HVP method {method!r}: use one of {', '.join(METHODS)}")
     require_eager(model)
-    params = _select(model, param_names)
+    names = list(dict.fromkeys(param_names))
+    params = select_params(model, names)
     _check_vector(params, vector)
     vector = {n: vector[n].to(params[n]) for n in params}
-    f = _functional_loss(model, loss_fn, list(params))
-    total, count = {n: torch.zeros_like(p) for n, p in params.items()}, 0
-    device = _device(model)
-    with _eval_mode(model):
-        for batch in batches:
-            batch = _to(batch, device)
-            if method == "double-backward":
-                hv = _hvp_double_backward(f, params, vector, batch)
-            else:
-                try:
-                    hv = _hvp_jvp(f, params, vector, batch)
-                except NotImplementedError as exc:
-                    if method == "jvp" or not _forward_ad_unsupported(exc):
-                        raise
-                    method = "double-backward"  # for this batch and the rest
-                    hv = _hvp_double_backward(f, params, vector, batch)
-            for n, h in hv.items():
-                total[n] += h
-            count += _batch_size(batch)
-    if count == 0:
-        raise UserError("an empty split: no examples to compute a Hessian-vector product on")
-    return {n: h / count for n, h in total.items()}
+    chosen = [method]
+
+    def per_batch(f, params, batch):
+        if chosen[0] == "double-backward":
+            return _hvp_double_backward(f, params, vector, batch)
+        try:
+            return _hvp_jvp(f, params, vector, batch)
+        except NotImplementedError as exc:
+            if chosen[0] == "jvp" or not _forward_ad_unsupported(exc):
+                raise
+            chosen[0] = "double-backward"  # for this batch and the rest
+            return _hvp_double_backward(f, params, vector, batch)
+
+    return split_mean(model, batches, names, loss_fn, per_batch, what="a Hessian-vector product")
 
 
 def _check_vector(params: Params, vector: Mapping[str, Tensor]) -> None:
@@ -153,17 +150,9 @@ def dot(x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Tensor:
     return sum((x[n].double() * y[n].double()).sum() for n in x)
 
 
-def quadratic_form(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    param_names: Iterable[str],
-    vector: Mapping[str, Tensor],
-    method: str = "jvp",
-    loss_fn: LossFn = example_losses,
-) -> float:
-    """vᵀ H_SS v of the split loss, via `hvp`."""
-    hv = hvp(model, batches, param_names, vector, method=method, loss_fn=loss_fn)
-    return float(dot(hv, vector))
+def quadratic_form(model: nn.Module, batches: Iterable[Batch], param_names: Iterable[str], vector: Mapping[str, Tensor], **options) -> float:
+    """vᵀ H_SS v of the split loss, via `hvp` (which takes the same `options`: method, loss_fn)."""
+    return float(dot(hvp(model, batches, param_names, vector, **options), vector))
 
 
 def taylor_coefficients(
@@ -174,7 +163,7 @@ def taylor_coefficients(
     method: str = "jvp",
     loss_fn: LossFn = example_losses,
 ) -> dict[str, float]:
-    """The `soir` quantities of one group S (DESIGN.md §5), with exact HVPs.
+    """The `soir` quantities of one group S (docs/design.md §5), with exact HVPs.
 
     a = |g_f,S|², b = g_r,Sᵀ g_f,S, c_f = g_f,Sᵀ H_f,SS g_f,S, c_r = g_f,Sᵀ H_r,SS g_f,S.
     """
@@ -184,8 +173,8 @@ def taylor_coefficients(
     return {
         "a": float(dot(g_f, g_f)),
         "b": float(dot(g_r, g_f)),
-        "c_f": quadratic_form(model, forget, names, g_f, method, loss_fn),
-        "c_r": quadratic_form(model, retain, names, g_f, method, loss_fn),
+        "c_f": quadratic_form(model, forget, names, g_f, method=method, loss_fn=loss_fn),
+        "c_r": quadratic_form(model, retain, names, g_f, method=method, loss_fn=loss_fn),
     }
 
 
@@ -198,8 +187,8 @@ def sample_labels(model: nn.Module, batch: Batch, generator: torch.Generator) ->
     Returns the new labels (B, L) (unlabelled positions stay -100) and T_i (B,), the
     number of labelled tokens per example.
     """
-    batch = _to(batch, _device(model))
-    with torch.no_grad(), _eval_mode(model):
+    batch = to_device(batch, device_of(model))
+    with eval_mode(model, no_grad=True):
         logits = lm_logits(model, batch)[:, :-1]
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     probs = torch.softmax(logits[mask].double(), dim=-1)
@@ -250,10 +239,10 @@ def ggn_terms(
     """
     require_eager(model)
     names = list(param_names)
-    params = _select(model, names)
+    params = select_params(model, names)
     _check_vector(params, vector)
     batches = list(batches)
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    generator = torch.Generator(device=device_of(model)).manual_seed(seed)
     draws = []
     for _ in range(samples):
         terms = []
@@ -265,17 +254,10 @@ def ggn_terms(
     return torch.stack(draws)
 
 
-def ggn_quadratic_form(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    param_names: Iterable[str],
-    vector: Mapping[str, Tensor],
-    samples: int = 1,
-    seed: int = 0,
-    example_dots: ExampleDots = exact_example_dots,
-) -> float:
-    """uᵀ G_SS u of the split loss (Gauss–Newton = true Fisher), estimated with sampled labels."""
-    return float(ggn_terms(model, batches, param_names, vector, samples, seed, example_dots).mean())
+def ggn_quadratic_form(model: nn.Module, batches: Sequence[Batch], param_names: Iterable[str], vector: Mapping[str, Tensor], **options) -> float:
+    """uᵀ G_SS u of the split loss (Gauss–Newton = true Fisher), estimated with sampled labels
+    (the mean of `ggn_terms`, which takes the same `options`: samples, seed, example_dots)."""
+    return float(ggn_terms(model, batches, param_names, vector, **options).mean())
 
 
 def gauss_newton_product(model: nn.Module, batches: Iterable[Batch], param_names: Iterable[str], vector: Mapping[str, Tensor]) -> Params:
@@ -286,31 +268,144 @@ def gauss_newton_product(model: nn.Module, batches: Iterable[Batch], param_names
     labelled positions, then a VJP back.
     """
     require_eager(model)
-    params = _select(model, param_names)
+    names = list(dict.fromkeys(param_names))
+    params = select_params(model, names)
     _check_vector(params, vector)
     vector = {n: vector[n].to(params[n]) for n in params}
-    frozen = _frozen(model, params)
-    total, count = {n: torch.zeros_like(p) for n, p in params.items()}, 0
-    device = _device(model)
-    with _eval_mode(model):
+    frozen = frozen_params(model, params)
+
+    def per_batch(f, params, batch):
+        def logits_of(p: Params) -> Tensor:
+            return functional_call(model, {**frozen, **p}, (), lm_inputs(batch)).logits
+
+        logits, jv = jvp(logits_of, (params,), (vector,))
+        _, pullback = vjp(logits_of, params)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        weight = mask / mask.sum(1, keepdim=True).clamp_min(1)
+        probs = torch.softmax(logits[:, :-1], dim=-1)
+        w = jv[:, :-1]
+        hw = probs * (w - (probs * w).sum(-1, keepdim=True))
+        cotangent = torch.zeros_like(logits)
+        cotangent[:, :-1] = hw * weight[..., None].to(hw)
+        return pullback(cotangent)[0]
+
+    return split_mean(model, batches, names, example_losses, per_batch, what="a Gauss–Newton product")
+
+
+# ---------------------------------------------------------------- batched forms of many groups (soir rank)
+
+
+def _require_grad(model: nn.Module, names: Iterable[str]):
+    params = dict(model.named_parameters())
+    flags = {n: params[n].requires_grad for n in names}
+    for n in names:
+        params[n].requires_grad_(True)
+    return params, flags
+
+
+def hvp_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
+                        bar=None, loss_fn: LossFn = example_losses) -> dict[str, float]:
+    """Exact v_Sᵀ H_SS v_S of the split loss for every group S, with v = `vectors` (full-size tensors).
+
+    Per batch, one forward and one backward with create_graph (shared by all groups), then per
+    group a second backward restricted to the group's parameters: ∂(g_Sᵀ v_S)/∂θ_S = H_SS v_S.
+    Neuron groups use v zeroed outside the group's slices, which restricts H to the slices.
+    """
+    require_eager(model)
+    names = param_names(groups)
+    n = n_examples(batches)
+    device = device_of(model)
+    params, flags = _require_grad(model, names)
+    c = {g.name: 0.0 for g in groups}
+    whole = {g.name: all(s.dim is None for s in g.slices) for g in groups}
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                batch = to_device(batch, device)
+                loss = loss_fn(model, batch).sum() / n
+                grads = dict(zip(names, torch.autograd.grad(loss, [params[x] for x in names], create_graph=True, allow_unused=True)))
+                for g in groups:
+                    members = g.param_names
+                    if whole[g.name]:
+                        v = {m: vectors[m].to(params[m]) for m in members}
+                    else:
+                        v = scatter(g, gather(g, vectors).to(params[members[0]]), params)
+                    dot = sum((grads[m] * v[m]).sum() for m in members if grads[m] is not None and grads[m].requires_grad)
+                    if isinstance(dot, Tensor):
+                        hv = torch.autograd.grad(dot, [params[m] for m in members], retain_graph=True, allow_unused=True)
+                        c[g.name] += sum(float((h.double() * v[m].double()).sum()) for h, m in zip(hv, members) if h is not None)
+                    if bar is not None:
+                        bar.update(1)
+                del grads, loss
+    finally:
+        for name, flag in flags.items():
+            params[name].requires_grad_(flag)
+    return c
+
+
+def ggn_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
+                        sketch: str = "none", k: int = 1024, seed: int = 0, samples: int = 1, bar=None,
+                        plans: tuple | None = None) -> dict[str, float]:
+    """Gauss–Newton / true-Fisher u_Sᵀ G_SS u_S for every group, from per-example gradients of
+    model-sampled labels: mean_i T_i (s_iᵀ u)(s'_iᵀ u') with two independent sketches s, s'
+    (exact gradients, s = s', with `sketch none`). See `ggn_estimate`."""
+    require_eager(model)
+    if plans is None:
+        first = SketchPlan(model, groups, sketch, k, seed)
+        plans = (first, first if sketch == "none" else SketchPlan(model, groups, sketch, k, seed + GGN_SECOND_MAP))
+    u = [p.project_mean(vectors) for p in plans]
+    generator = torch.Generator(device=device_of(model)).manual_seed(seed)
+    total = {g.name: 0.0 for g in groups}
+    count = 0
+    for _ in range(samples):
         for batch in batches:
-            batch = _to(batch, device)
+            batch = to_device(batch, device_of(model))
+            labels, n_tokens = sample_labels(model, batch, generator)
+            sa = plans[0].per_example(batch, labels)
+            sb = sa if plans[1] is plans[0] else plans[1].per_example(batch, labels)
+            for g in groups:
+                da = sa[g.name].double() @ u[0][g.name].double()
+                db = sb[g.name].double() @ u[1][g.name].double()
+                total[g.name] += float(ggn_estimate(da, db, n_tokens).sum())
+            count += len(labels)
+            if bar is not None:
+                bar.update(1)
+    return {name: t / count for name, t in total.items()}
 
-            def logits_of(p: Params) -> Tensor:
-                return functional_call(model, {**frozen, **p}, (), {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}).logits
 
-            logits, jv = jvp(logits_of, (params,), (vector,))
-            _, pullback = vjp(logits_of, params)
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX
-            weight = mask / mask.sum(1, keepdim=True).clamp_min(1)
-            probs = torch.softmax(logits[:, :-1], dim=-1)
-            w = jv[:, :-1]
-            hw = probs * (w - (probs * w).sum(-1, keepdim=True))
-            cotangent = torch.zeros_like(logits)
-            cotangent[:, :-1] = hw * weight[..., None].to(hw)
-            for n, g in pullback(cotangent)[0].items():
-                total[n] += g
-            count += _batch_size(batch)
-    if count == 0:
-        raise UserError("an empty split: no examples to compute a Gauss–Newton product on")
-    return {n: g / count for n, g in total.items()}
+GGN_SECOND_MAP = 7919  # seed offset of ggn's second, independent sketch
+
+
+@dataclass(frozen=True)
+class CurvatureOptions:
+    """What a curvature method may use besides the model and the data (from `soir rank`'s settings)."""
+
+    sketch: str = "none"
+    dim: int = 1024
+    seed: int = 0
+    ggn_samples: int = 1
+
+
+@dataclass(frozen=True)
+class CurvatureMethod:
+    """A registered way to get c_S = v_Sᵀ H_SS v_S of one split for every group S.
+
+    `forms(model, batches, groups, vectors, options, bar, loss_fn) -> {group: c}`;
+    `steps(n_groups, n_batches, options)` is the progress-bar length of one split.
+    """
+
+    forms: Callable[..., dict[str, float]]
+    steps: Callable[[int, int, CurvatureOptions], int]
+    unit: str = "step"
+
+
+CURVATURES: Registry[CurvatureMethod] = Registry("curvature", "--curvature")
+CURVATURES.register("hvp", CurvatureMethod(
+    lambda model, batches, groups, vectors, options, bar, loss_fn: hvp_quadratic_forms(model, batches, groups, vectors, bar, loss_fn),
+    lambda n_groups, n_batches, options: n_groups * n_batches, "group × batch"),
+    help="exact Hessian-vector products by double backward; one second backward per group and batch")
+CURVATURES.register("ggn", CurvatureMethod(
+    lambda model, batches, groups, vectors, options, bar, loss_fn: ggn_quadratic_forms(
+        model, batches, groups, vectors, sketch=options.sketch, k=options.dim, seed=options.seed, samples=options.ggn_samples, bar=bar),
+    lambda n_groups, n_batches, options: options.ggn_samples * n_batches, "batch"),
+    help="Gauss–Newton / true Fisher from gradients of model-sampled labels (sketched with --sketch)")

@@ -1,4 +1,4 @@
-"""The data contract (DESIGN.md §3): reading splits, prompt templates, labels, collation, losses.
+"""The data contract (docs/design.md §3): reading splits, prompt templates, labels, collation, losses.
 
 A split is a table with `input` and `output` columns (the SemEval-2025 Task 4 schema;
 `id`, `task`, `split` optional). Prompt tokens and padding are labelled -100; answer
@@ -9,6 +9,8 @@ of per-example gradients.
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from soir.errors import UserError
+from soir.runtime import device_of, eval_mode, lm_logits, to_device
+from soir.settings import setting
 
 IGNORE_INDEX = -100
 REQUIRED_COLUMNS = ("input", "output")
@@ -89,6 +93,28 @@ def read_splits(paths: Iterable[str | Path], columns: Mapping[str, str] | None =
     return pd.concat(frames, ignore_index=True)
 
 
+def list_cell(value):
+    """The list a table cell holds (a list, tuple or array, or its JSON / Python text), else the
+    text itself (a cell with one string), or None for a cell that is missing or empty."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                value = parse(text)
+                break
+            except (ValueError, SyntaxError):
+                continue
+        else:
+            return text
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def row_kind(example_id: str) -> str:
     """`qa` for SemEval question-answer ids (`…qa0`–`…qa4`), else `sc` (sentence completion)."""
     match = SEMEVAL_ID.search(str(example_id))
@@ -110,6 +136,27 @@ class Template:
 
     def prompt(self, input_text: str) -> str:
         return self.text[: -len("{output}")].replace("{input}", input_text)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How rows become token sequences; the same for every stage that reads splits."""
+
+    template: str = setting(Template().text, "prompt template with {input} and a trailing {output} (default: raw concatenation, as SemEval prompts)")
+    columns: Mapping[str, str] | None = None  # rename columns on reading (TOFU-style question/answer files): --columns
+    max_length: int = setting(256, "tokens per row; longer rows lose prompt tokens from the left")
+
+    def __post_init__(self):
+        Template(self.template)
+        if self.max_length < 2:
+            raise UserError(f"--max-length must be at least 2 tokens (one answer token and EOS), got {self.max_length}")
+
+    def read(self, paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+        """One split file, or several concatenated."""
+        return read_split(paths, self.columns) if isinstance(paths, (str, Path)) else read_splits(paths, self.columns)
+
+    def encode(self, frame: pd.DataFrame, tokenizer) -> "Encoded":
+        return encode(frame, tokenizer, Template(self.template), self.max_length)
 
 
 @dataclass
@@ -199,6 +246,25 @@ def batches(data: Encoded, batch_size: int, pad: int) -> Iterable[dict[str, torc
         yield collate(data.input_ids[start:stop], data.labels[start:stop], pad)
 
 
+def split_batches(data: Encoded, pad: int, batch_size: int, max_examples: int | None = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of a whole split (a seeded subset of `max_examples` rows if it is
+    larger), rows sorted by length so batches carry little padding: the batches of one pass
+    over a split (ranking, curvature)."""
+    index = list(range(len(data)))
+    if not index:
+        raise UserError("an empty split: no examples to rank with")
+    if max_examples is not None and len(index) > max_examples:
+        index = sorted(torch.randperm(len(index), generator=torch.Generator().manual_seed(seed)).tolist()[:max_examples])
+    index.sort(key=lambda i: len(data.input_ids[i]))
+    return [collate([data.input_ids[i] for i in index[s:s + batch_size]], [data.labels[i] for i in index[s:s + batch_size]], pad)
+            for s in range(0, len(index), batch_size)]
+
+
+def n_examples(batches: Sequence[Mapping[str, torch.Tensor]]) -> int:
+    """The number of rows in a list of collated batches."""
+    return sum(len(b["input_ids"]) for b in batches)
+
+
 @dataclass
 class BatchStream:
     """Shuffled batches as a pure function of the step: exact resume needs no sampler state.
@@ -250,11 +316,6 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return nll.sum(1) / mask.sum(1).clamp_min(1)
 
 
-def lm_logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (B, L, V) of a causal LM on a collated batch (no KV cache)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-
-
 def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The contract's per-example loss (B,) of a causal LM on a collated training batch."""
     return per_example_loss(lm_logits(model, batch), batch["labels"])
@@ -268,21 +329,18 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return correct.sum(1), mask.sum(1)
 
 
-@torch.no_grad()
 def teacher_forced(model, data: Encoded, pad: int, batch_size: int = 64) -> pd.DataFrame:
     """Per-example answer NLL, correct answer tokens and answer-token count, teacher-forced."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     losses, correct, counts = [], [], []
-    for batch in batches(data, batch_size, pad):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.append(per_example_loss(logits, batch["labels"]).cpu())
-        hits, count = answer_hits(logits, batch["labels"])
-        correct.append(hits.cpu())
-        counts.append(count.cpu())
-    model.train(was_training)
+    with eval_mode(model, no_grad=True):
+        for batch in batches(data, batch_size, pad):
+            batch = to_device(batch, device)
+            logits = lm_logits(model, batch)
+            losses.append(per_example_loss(logits, batch["labels"]).cpu())
+            hits, count = answer_hits(logits, batch["labels"])
+            correct.append(hits.cpu())
+            counts.append(count.cpu())
     return pd.DataFrame({
         "id": data.ids,
         "loss": torch.cat(losses).double().numpy(),

@@ -1,6 +1,6 @@
 """Gradients of a split's loss: mean gradients (one batched pass) and exact per-example gradients.
 
-The split loss is the contract's (DESIGN.md §3): the mean over examples of each example's
+The split loss is the contract's (docs/design.md §3): the mean over examples of each example's
 mean NLL over its labelled tokens, so the split gradient is the mean of the per-example
 gradients. Only the parameters named in `param_names` are variables; every other parameter
 and buffer is held fixed. Results are dicts {parameter name: tensor}; names are those of
@@ -12,20 +12,22 @@ model loss (the 'task' of kronfluence); loss i must depend on row i of the batch
 Dropout is switched off (eval mode) for the duration of each call.
 
 This module is the bottom of the gradient stack: `soir.curvature` (HVPs, Gauss–Newton),
-`soir.sketch` (the `factored` fallback) and `soir.ranking` build on it.
+`soir.sketch` (the `factored` fallback) and `soir.ranking` build on it, through its public
+helpers `select_params`, `frozen_params` and `functional_loss`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from soir.data import example_losses
 from soir.errors import UserError
+from soir.runtime import device_of, eval_mode, to_device
 
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
@@ -44,29 +46,12 @@ class _Task(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _batch_size(batch: Batch) -> int:
+def batch_size_of(batch: Batch) -> int:
+    """The number of rows of a collated batch."""
     return len(next(v for v in batch.values() if isinstance(v, Tensor)))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(batch: Batch, device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _select(model: nn.Module, param_names: Iterable[str]) -> Params:
+def select_params(model: nn.Module, param_names: Iterable[str]) -> Params:
     """Detached references to the named parameters, in the order given."""
     named = dict(model.named_parameters())
     param_names = list(dict.fromkeys(param_names))
@@ -78,15 +63,16 @@ def _select(model: nn.Module, param_names: Iterable[str]) -> Params:
     return {n: named[n].detach() for n in param_names}
 
 
-def _frozen(model: nn.Module, variable: Iterable[str]) -> Params:
+def frozen_params(model: nn.Module, variable: Iterable[str]) -> Params:
+    """Detached references to every parameter not named in `variable` (held fixed)."""
     variable = set(variable)
     return {n: p.detach() for n, p in model.named_parameters() if n not in variable}
 
 
-def _functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str]) -> Callable[[Params, Batch], Tensor]:
+def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str]) -> Callable[[Params, Batch], Tensor]:
     """f(params, batch) = Σ_i loss_i with `params` swapped in and every other parameter fixed."""
     task = _Task(model, loss_fn)
-    frozen = {f"model.{n}": p for n, p in _frozen(model, names).items()}
+    frozen = {f"model.{n}": p for n, p in frozen_params(model, names).items()}
 
     def f(params: Params, batch: Batch) -> Tensor:
         swapped = {**frozen, **{f"model.{n}": p for n, p in params.items()}}
@@ -98,24 +84,35 @@ def _functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str]) ->
 # ---------------------------------------------------------------- mean gradients
 
 
+def split_mean(model: nn.Module, batches: Iterable[Batch], param_names: Iterable[str], loss_fn: LossFn,
+               per_batch: Callable[[Callable, Params, Batch], Params], what: str = "a gradient") -> Params:
+    """(1/n) Σ over batches of `per_batch(f, params, batch)`, each a sum over its rows, n the number of rows.
+
+    `f(params, batch)` is the batch's summed loss with `params` (the named parameters) swapped
+    in; the model runs in eval mode. The split mean of any per-example quantity that is linear
+    in the summed loss: its gradient (`mean_gradient`), a Hessian-vector product (`soir.curvature.hvp`).
+    """
+    params = select_params(model, param_names)
+    f = functional_loss(model, loss_fn, list(params))
+    total, count = {n: torch.zeros_like(p) for n, p in params.items()}, 0
+    device = device_of(model)
+    with eval_mode(model):
+        for batch in batches:
+            batch = to_device(batch, device)
+            for n, g in per_batch(f, params, batch).items():
+                total[n] += g
+            count += batch_size_of(batch)
+    if count == 0:
+        raise UserError(f"an empty split: no examples to compute {what} on")
+    return {n: g / count for n, g in total.items()}
+
+
 def mean_gradient(model: nn.Module, batches: Iterable[Batch], param_names: Iterable[str], loss_fn: LossFn = example_losses) -> Params:
     """Gradient of the split loss w.r.t. the named parameters (the mean of per-example gradients).
 
     One forward and backward per batch; batches of any sizes are weighted by their size.
     """
-    params = _select(model, param_names)
-    f = _functional_loss(model, loss_fn, list(params))
-    total, count = {n: torch.zeros_like(p) for n, p in params.items()}, 0
-    device = _device(model)
-    with _eval_mode(model):
-        for batch in batches:
-            batch = _to(batch, device)
-            for n, g in grad(f)(params, batch).items():
-                total[n] += g
-            count += _batch_size(batch)
-    if count == 0:
-        raise UserError("an empty split: no examples to compute a gradient on")
-    return {n: g / count for n, g in total.items()}
+    return split_mean(model, batches, param_names, loss_fn, lambda f, params, batch: grad(f)(params, batch))
 
 
 # ---------------------------------------------------------------- per-example gradients
@@ -150,13 +147,13 @@ def per_example_grads(
     `labels` replaces the batch's labels (the model-sampled labels of `ggn`).
     `chunk_size` bounds how many examples vmap handles at once (memory).
     """
-    params = _select(model, param_names)
-    batch = _to(batch, _device(model))
+    params = select_params(model, param_names)
+    batch = to_device(batch, device_of(model))
     _check_right_padded(batch)
     if labels is not None:
-        batch = {**batch, "labels": labels.to(_device(model))}
+        batch = {**batch, "labels": labels.to(device_of(model))}
     task = _Task(model, loss_fn)
-    frozen = {f"model.{n}": p for n, p in _frozen(model, params).items()}
+    frozen = {f"model.{n}": p for n, p in frozen_params(model, params).items()}
     tensors = {key: value for key, value in batch.items() if isinstance(value, Tensor) and key != "attention_mask"}
     static = {key: value for key, value in batch.items() if not isinstance(value, Tensor)}
     if "attention_mask" in batch:
@@ -168,10 +165,10 @@ def per_example_grads(
         swapped = {**frozen, **{f"model.{n}": v for n, v in p.items()}}
         return functional_call(task, swapped, ({**rows, **static},)).reshape(())
 
-    with _eval_mode(model):
+    with eval_mode(model):
         return vmap(grad(one), in_dims=(None, 0), chunk_size=chunk_size)(params, tensors)
 
 
 def flatten_examples(grads: Mapping[str, Tensor]) -> Tensor:
     """Concatenate per-example gradients {name: (B, *shape)} into (B, D) in dict order."""
-    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+    return torch.cat([rearrange(g, "n ... -> n (...)") for g in grads.values()], dim=1)

@@ -1,4 +1,4 @@
-"""Parameter groups: the units SOIR scores, ranks and selects (DESIGN.md §5 'Granularity').
+"""Parameter groups: the units SOIR scores, ranks and selects (docs/design.md §5 'Granularity').
 
 A `Group` is a named set of coordinates of a model: whole parameters, or single rows /
 columns of them (`ParamSlice`). `parameter_groups(model, granularity, norms)` cuts a

@@ -8,12 +8,13 @@ Qwen2 with tied embeddings) for tests and the built-in testbed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from soir.errors import UserError
+from soir.settings import setting
 
 TINY_PREFIX = "tiny:"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,11 +24,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 class TinySize:
     """Width and depth of a tiny model; the defaults are the testbed's."""
 
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 512
-    max_positions: int = 256
+    hidden: int = setting(128, "width")
+    layers: int = setting(2, "transformer blocks")
+    heads: int = setting(4, "attention heads")
+    intermediate: int = setting(512, "MLP width")
+    max_positions: int = setting(256, "longest sequence")
 
 
 def tiny_config(arch: str, vocab_size: int, size: TinySize = TinySize(), tokenizer=None):
@@ -120,8 +121,7 @@ def load_model(
     attention = "eager" if eager_attention else None
     spec = str(spec)
     if spec.startswith(TINY_PREFIX):
-        if tokenizer is None:
-            raise UserError(f"--model {spec} builds a model from config and needs --tokenizer DIR for its vocabulary")
+        check_model_spec(spec, tokenizer)
         config = tiny_config(spec[len(TINY_PREFIX):], len(tokenizer), size, tokenizer)
         if attention:
             config._attn_implementation = attention
@@ -141,6 +141,51 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to load and how; shared by every stage that loads one.
+
+    `model` is a `save_pretrained` directory or `tiny:ARCH` (built from config with `size`, and
+    then `tokenizer` is required); `tokenizer` defaults to the model's directory.
+    """
+
+    model: str = setting(help="a save_pretrained directory, or tiny:olmo|tiny:llama|tiny:gpt2|tiny:neox|tiny:qwen2 to build a small model from config", metavar="DIR|tiny:ARCH")
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the model's; required for tiny:*)", metavar="DIR")
+    dtype: str | None = setting(None, "parameter dtype; unset: the checkpoint's (float32 for tiny:*)", choices=DTYPES)
+    device: str | None = setting(None, "torch device, e.g. cpu or cuda (default: cpu)")
+    size: TinySize = field(default_factory=TinySize)
+    trust_remote_code: bool = False
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return str(self.tokenizer or self.model)
+
+    def check(self) -> None:
+        """UserError when the model cannot be loaded as given (before anything is read or written)."""
+        check_model_spec(self.model, self.tokenizer)
+
+    def load_tokenizer(self):
+        self.check()
+        return load_tokenizer(self.tokenizer_dir, trust_remote_code=self.trust_remote_code)
+
+    def load(self, tokenizer=None, *, eager_attention: bool = False, seed: int = 0):
+        """The model, checked against `tokenizer` when one is given."""
+        return load_model(self.model, tokenizer, dtype=self.dtype, device=self.device, eager_attention=eager_attention,
+                          trust_remote_code=self.trust_remote_code, size=self.size, seed=seed)
+
+
+def check_model_spec(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
+    """UserError unless `model` is a model directory, or `tiny:ARCH` with a tokenizer directory."""
+    spec = str(model)
+    if spec.startswith(TINY_PREFIX):
+        if tokenizer is None:
+            raise UserError(f"--model {spec} builds a model from config and needs --tokenizer DIR for its vocabulary")
+        if spec[len(TINY_PREFIX):] not in TINY_ARCHS:
+            raise UserError(f"unknown tiny architecture {spec[len(TINY_PREFIX):]!r}: use one of {', '.join(TINY_ARCHS)}")
+    else:
+        check_model_dir(spec)
 
 
 def check_model_dir(spec: str | os.PathLike) -> Path:

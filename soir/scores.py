@@ -1,10 +1,13 @@
-"""Group scores (DESIGN.md §5): pure functions of per-group quantities, registered by name.
+"""Group scores (docs/design.md §5): pure functions of per-group quantities, registered by name.
 
-The ranker computes, per group, the quantities a score needs (its `inputs`) and calls
-the score function with them as keyword arguments. Gradients of a group arrive
-flattened: per-example gradients as (n, k), mean gradients as (k,), where k is the
-group's size or, for scores that are inner products only (`sketchable`), the
-dimension of its gradient sketches.
+A score is one function plus one `register_score` call naming the per-group quantities it
+`needs` (`QUANTITIES`); the ranker computes only those and calls the function once per group
+with them as keyword arguments, plus any of `PARAMETERS` the function names (`delta`, `lam`,
+`gamma`, `seed` from the ranking settings; `name`, `n_params` of the group). Gradients of a
+group arrive flattened: per-example gradients as (n, k), mean gradients as (k,), where k is
+the group's size or, for scores that are inner products only (`sketchable`), the dimension
+of its gradient sketches. A function returns the score, or a dict with the score under
+`score` and extra columns for the ranking table.
 
 - `soir` (default, ascending): the predicted retain damage of forgetting Δ nats by a
   gradient-ascent step restricted to the group; invariant to rescaling the group.
@@ -15,6 +18,7 @@ dimension of its gradient sketches.
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 from soir.errors import UserError
+from soir.registry import Registry, first_line
 
 # ---------------------------------------------------------------- soir
 
@@ -96,7 +101,7 @@ def soir_datainf_from_gram(gram: Tensor, cross: Tensor, forget_sq: float, sq_nor
     return float(np.sqrt(max(u_sq, 0.0)) / (n_r * damping))
 
 
-def soir_datainf(per_example_retain: Tensor, mean_forget: Tensor, dim_uncompressed: int, lam: float = 0.1) -> float:
+def soir_datainf(per_example_retain: Tensor, mean_forget: Tensor, n_params: int, lam: float = 0.1) -> float:
     """The thesis's SOIR, |v_S|₂ (descending), from per-example retain gradients (or sketches).
 
     v = −1/(n_r λ) Σ_i [ ḡ_f − g_i (g_iᵀ ḡ_f)/(λ + |g_i|²) ] over retain examples i, with
@@ -106,7 +111,7 @@ def soir_datainf(per_example_retain: Tensor, mean_forget: Tensor, dim_uncompress
     g = per_example_retain.to(torch.float64).reshape(per_example_retain.shape[0], -1)
     f = mean_forget.to(torch.float64).reshape(-1)
     gram = g @ g.T
-    return soir_datainf_from_gram(gram, g @ f, float(f @ f), float(torch.diagonal(gram).mean()), dim_uncompressed, lam)
+    return soir_datainf_from_gram(gram, g @ f, float(f @ f), float(torch.diagonal(gram).mean()), n_params, lam)
 
 
 # ---------------------------------------------------------------- baselines
@@ -162,30 +167,96 @@ def random_score(name: str, seed: int = 0) -> float:
 
 # ---------------------------------------------------------------- registry
 
+# The per-group quantities a score can ask for, and what each is (for messages).
+QUANTITIES = {
+    "mean_forget": "the mean forget gradient",
+    "mean_retain": "the mean retain gradient",
+    "per_example_forget": "per-example forget sketches",
+    "per_example_retain": "per-example retain sketches",
+    "c_f": "the curvature term c_f",
+    "c_r": "the curvature term c_r",
+    "theta": "the model's parameters",
+    "theta_base": "the base model's parameters",
+}
+# Scalars from the ranking settings or the group that a score function may name.
+PARAMETERS = ("delta", "lam", "gamma", "seed", "name", "n_params")
+
 
 @dataclass(frozen=True)
 class Score:
-    """A registered score: its function, ranking direction and the per-group inputs it needs."""
+    """A registered score: its function, ranking direction and the per-group quantities it needs."""
 
     fn: Callable
     lower_is_better: bool
-    inputs: tuple[str, ...]
+    needs: tuple[str, ...]
     sketchable: bool  # exact (or unbiased) when gradients are replaced by sketches
+    columns: tuple[str, ...] = ()  # extra ranking-table columns the function returns
+    help: str = ""
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The `PARAMETERS` the function takes (its other arguments keep their defaults)."""
+        return tuple(p for p in inspect.signature(self.fn).parameters if p in PARAMETERS and p not in self.needs)
+
+    def __call__(self, quantities: dict, context: dict) -> dict[str, float]:
+        """{score, *columns} of one group from its quantities and the context (PARAMETERS)."""
+        value = self.fn(**quantities, **{p: context[p] for p in self.parameters})
+        return dict(value) if isinstance(value, dict) else {"score": value}
 
 
-SCORES: dict[str, Score] = {
-    "soir": Score(soir_score, True, ("a", "b", "c_f", "c_r", "delta"), True),
-    "soir-datainf": Score(soir_datainf, False, ("per_example_retain", "mean_forget", "dim_uncompressed", "lam"), True),
-    "grad-magnitude": Score(grad_magnitude, False, ("per_example_forget",), True),
-    "fo-influence": Score(fo_influence, False, ("per_example_forget", "per_example_retain"), True),
-    "fisher": Score(fisher, False, ("per_example_forget", "per_example_retain"), False),
-    "wagle": Score(wagle, False, ("theta", "mean_forget", "mean_retain", "gamma"), False),
-    "shift": Score(shift, False, ("theta", "theta_base"), False),
-    "random": Score(random_score, False, ("name", "seed"), True),
-}
+SCORES: Registry[Score] = Registry("score", "--score")
+
+
+def register_score(name: str, *, lower_is_better: bool, needs: tuple[str, ...], sketchable: bool = True,
+                   columns: tuple[str, ...] = (), help: str = ""):
+    """Decorator: make a per-group score function available as `--score NAME`."""
+    unknown = [q for q in needs if q not in QUANTITIES]
+    if unknown:
+        raise ValueError(f"score {name!r} needs unknown quantities {unknown}: use {', '.join(QUANTITIES)}")
+
+    def add(fn: Callable) -> Callable:
+        score = Score(fn, lower_is_better, tuple(needs), sketchable, tuple(columns), help or first_line(fn.__doc__ or ""))
+        loose = [n for n, p in inspect.signature(fn).parameters.items()
+                 if n not in needs and n not in PARAMETERS and p.default is inspect.Parameter.empty]
+        if loose:
+            raise ValueError(f"score {name!r}: {loose} are neither quantities it needs nor any of {', '.join(PARAMETERS)}")
+        SCORES.register(name, score, help=score.help)
+        return fn
+
+    return add
 
 
 def get_score(name: str) -> Score:
-    if name not in SCORES:
-        raise UserError(f"unknown --score {name!r}: use one of {', '.join(SCORES)}")
-    return SCORES[name]
+    return SCORES.get(name)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.double().reshape(-1)
+
+
+@register_score("soir", lower_is_better=True, needs=("mean_forget", "mean_retain", "c_f", "c_r"),
+                columns=("a", "b", "c_f", "c_r", "eta", "forget_gain", "retain_damage"),
+                help="the predicted retain damage of forgetting --delta nats with the group alone; lower is better")
+def soir(mean_forget: Tensor, mean_retain: Tensor, c_f: float, c_r: float, delta: float) -> dict[str, float]:
+    """SOIR: a = |g_f,S|², b = g_r,Sᵀ g_f,S with the curvature terms, through `soir_components`."""
+    a = float(_flat(mean_forget) @ _flat(mean_forget))
+    b = float(_flat(mean_retain) @ _flat(mean_forget))
+    comps = soir_components(a, b, c_f, c_r, delta)
+    return {"score": float(comps["score"]), "a": a, "b": b, "c_f": float(c_f), "c_r": float(c_r),
+            **{k: float(comps[k]) for k in ("eta", "forget_gain", "retain_damage")}}
+
+
+register_score("soir-datainf", lower_is_better=False, needs=("per_example_retain", "mean_forget"),
+               help="the thesis's SOIR, |v_S|₂ with DataInf damping --lam; higher is better")(soir_datainf)
+register_score("grad-magnitude", lower_is_better=False, needs=("per_example_forget",),
+               help="mean per-example forget gradient norm")(grad_magnitude)
+register_score("fo-influence", lower_is_better=False, needs=("per_example_forget", "per_example_retain"),
+               help="mean |g_fᵀ g_r| over forget × retain pairs")(fo_influence)
+register_score("fisher", lower_is_better=False, needs=("per_example_forget", "per_example_retain"), sketchable=False,
+               help="SSD-style diagonal Fisher ratio forget / retain")(fisher)
+register_score("wagle", lower_is_better=False, needs=("theta", "mean_forget", "mean_retain"), sketchable=False,
+               help="WAGLE weight attribution |(θ − g_r/γ) ⊙ g_f|")(wagle)
+register_score("shift", lower_is_better=False, needs=("theta", "theta_base"), sketchable=False,
+               help="finetuning shift |θ − θ_base| (needs --base)")(shift)
+register_score("random", lower_is_better=False, needs=(),
+               help="seeded uniform control")(random_score)

@@ -1,4 +1,4 @@
-"""Selecting parameters from a ranking (DESIGN.md §5 'Selection'): the `soir select` stage.
+"""Selecting parameters from a ranking (docs/design.md §5 'Selection'): the `soir select` stage.
 
 `select(ranking, model, settings)` turns a `soir.ranking.Ranking` into a `soir.mask.Mask`:
 
@@ -28,19 +28,22 @@ from soir.errors import UserError
 from soir.groups import Group, element_mask, filter_groups, parameter_groups
 from soir.mask import Mask
 from soir.ranking import Ranking
+from soir.settings import setting
 
 BY = ("groups", "params")
 
 
 @dataclass
 class SelectSettings:
-    top: float = 0.1
-    by: str = "groups"
-    per_kind: bool = False
-    offset: int = 0
-    bottom: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    """Which of a ranking's groups make the mask (see the module docstring)."""
+
+    top: float = setting(0.1, "a fraction in (0, 1] of the groups (or parameters, --by params); a whole number above 1 is a count", metavar="X")
+    by: str = setting("groups", "--top counts groups, or fills a parameter budget in rank order", choices=BY)
+    per_kind: bool = setting(False, "apply --top within each kind (attn, mlp, norm, …) separately")
+    offset: int = setting(0, "skip the first K ranked groups", metavar="K")
+    bottom: bool = setting(False, "select from the bottom of the ranking instead")
+    include: tuple[str, ...] = setting((), "only groups whose name matches RE (re.search)", metavar="RE")
+    exclude: tuple[str, ...] = setting((), "never groups whose name matches RE", metavar="RE")
 
     def __post_init__(self):
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)

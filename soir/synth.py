@@ -20,6 +20,7 @@ import pandas as pd
 
 from soir.errors import UserError
 from soir.io import atomic_path
+from soir.settings import setting
 
 FIRST = "Alva Bram Cora Dax Elin Fenn Gala Hugo Iris Jory Kaia Lenn Mira Nox Orla Pell Quin Rhea Soren Tova Ulla Vero Wren Yara Zeno Ansel Brisa Cato Dalia Emeric".split()
 LAST = "Ashgrove Brindle Calloway Dunmore Everly Fairweather Galloway Hartwell Ingram Jessop Kestrel Larkspur Merriweather Northcott Oakhurst Pennington Quillfeather Ravensworth Sunderland Thistlewood Underhill Vantablack Whitlock Yarborough Zellweger".split()
@@ -43,14 +44,14 @@ class SynthSettings:
     """Sizes of the testbed; the defaults give a study that runs on a laptop CPU in minutes."""
 
     seed: int = 0
-    people_forget: int = 8
-    people_retain: int = 32
-    people_holdout: int = 8
-    docs_forget: int = 3
-    docs_retain: int = 9
-    docs_holdout: int = 3
-    perturbed: int = 3
-    vocab_size: int = 1024
+    people_forget: int = setting(8, "people in the forget split")
+    people_retain: int = setting(32, "people in the retain split")
+    people_holdout: int = setting(8, "people never trained on (membership-inference non-members)")
+    docs_forget: int = setting(3, "creative documents in the forget split")
+    docs_retain: int = setting(9, "creative documents in the retain split")
+    docs_holdout: int = setting(3, "creative documents never trained on")
+    perturbed: int = setting(3, "wrong answers per question, for TOFU truth ratios")
+    vocab_size: int = setting(1024, "tokenizer vocabulary")
 
     def __post_init__(self):
         for name, value in asdict(self).items():

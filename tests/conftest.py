@@ -18,6 +18,22 @@ CORPUS = [
 ] * 4
 
 SMALL = TinySize(hidden=32, layers=2, heads=4, intermediate=64, max_positions=64)
+NEURONS = [1, 5, 7, 40]
+
+
+def neuron_selection(arch: str, broadcast: bool = False):
+    """(whole tensors, element masks) on a SMALL model: MLP neurons NEURONS of layer 0 (rows of
+    OLMo's up_proj, a (64, 1) broadcast mask or a full (64, 32) one; columns of GPT-2's Conv1D c_fc,
+    a (1, 64) mask, and its bias), plus one tensor whole."""
+    if arch == "olmo":
+        rows = torch.zeros(64, 1 if broadcast else 32, dtype=torch.bool)
+        rows[NEURONS] = True
+        return ["model.layers.1.self_attn.v_proj.weight"], {"model.layers.0.mlp.up_proj.weight": rows}
+    columns = torch.zeros(1, 64, dtype=torch.bool)
+    columns[0, NEURONS] = True
+    bias = torch.zeros(64, dtype=torch.bool)
+    bias[NEURONS] = True
+    return ["transformer.h.1.attn.c_proj.weight"], {"transformer.h.0.mlp.c_fc.weight": columns, "transformer.h.0.mlp.c_fc.bias": bias}
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +81,7 @@ def qa_frame():
 @pytest.fixture(scope="session")
 def quick_testbed(tmp_path_factory):
     """`soir demo --quick`, run once per session: paths of data/, base/, finetuned/ and the demo root."""
-    from soir.cli import main
+    from soirlab.cli import main
 
     root = tmp_path_factory.mktemp("testbed")
     assert main(["demo", "--quick", "--out", str(root), "--no-progress"]) == 0

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from soir.cli import main
 from soir.models import save_model
 from soir.tokenizer import train_tokenizer
+from soirlab.cli import main
 from tests.conftest import CORPUS
 
 
@@ -59,7 +59,7 @@ def test_argument_errors_are_one_line(capsys):
 
 
 def test_no_traceback_from_the_real_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "soir.cli", "data", "synth", "--out", str(tmp_path / "x"), "--people-forget", "0"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "soirlab.cli", "data", "synth", "--out", str(tmp_path / "x"), "--people-forget", "0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "soir: error: --people-forget must be positive, got 0"
     assert not (tmp_path / "x").exists()
@@ -73,5 +73,5 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, capsys):
 
 
 def test_help_teaches():
-    result = subprocess.run([sys.executable, "-m", "soir.cli", "finetune", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "soirlab.cli", "finetune", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume" in result.stdout and "tiny:olmo" in result.stdout

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from soir.data import (
-    IGNORE_INDEX, BatchStream, Template, collate, encode, pad_id, parse_column_map, per_example_loss, read_split, row_kind,
+    IGNORE_INDEX,
+    BatchStream,
+    Template,
+    collate,
+    encode,
+    pad_id,
+    parse_column_map,
+    per_example_loss,
+    read_split,
+    row_kind,
 )
 from soir.errors import UserError
 

@@ -15,11 +15,18 @@ import torch
 import analysis.evaluate as ev
 from analysis.evaluate import EvalSettings, evaluate, write_evaluation
 from analysis.generation import GenerationSettings
-from analysis.metrics import ScoreSettings, auc, exact_match, rouge_l_recall, sequence_scores, truth_ratio
+from analysis.metrics import (
+    ScoreSettings,
+    auc,
+    exact_match,
+    rouge_l_recall,
+    sequence_scores,
+    truth_ratio,
+)
 from analysis.mmlu import MMLUSettings, mmlu_accuracy, option_scores, read_mmlu
-from soir.cli import main
 from soir.data import read_split
 from soir.errors import UserError
+from soirlab.cli import main
 
 QUIET = EvalSettings(
     generation=GenerationSettings(max_new_tokens=6, progress=False),

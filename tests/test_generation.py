@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis.generation import GenerationSettings, generate, generate_ids, prompt_token_ids
+from analysis.generation import (
+    GenerationSettings,
+    generate,
+    generate_ids,
+    prompt_token_ids,
+)
 from soir.data import Template
 from soir.errors import UserError
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64
 
 
 def finetune_command(tokenizer_dir, data, out, *extra):
-    return [sys.executable, "-m", "soir.cli", "finetune", "--model", "tiny:olmo", "--tokenizer", str(tokenizer_dir),
+    return [sys.executable, "-m", "soirlab.cli", "finetune", "--model", "tiny:olmo", "--tokenizer", str(tokenizer_dir),
             "--data", str(data), "--out", str(out), "--steps", "300", "--batch-size", "2", "--lr", "1e-2",
             "--weight-decay", "0.1", "--no-progress", "--seed", "3", *TINY, *extra]
 

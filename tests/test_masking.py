@@ -1,4 +1,4 @@
-"""Masks, masked optimisation and the swap reference (DESIGN.md §7): outside the mask nothing moves."""
+"""Masks, masked optimisation and the swap reference (docs/design.md §7): outside the mask nothing moves."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from soir.data import collate, encode, pad_id
 from soir.errors import UserError
 from soir.mask import Mask, load
+from tests.conftest import neuron_selection
 from unlearn.masking import MaskedParameters
 from unlearn.objectives import ObjectiveSettings, get_objective, nll
 from unlearn.reference import CopyReference, SwapReference, make_reference
@@ -20,27 +21,12 @@ WHOLE = {
     "olmo": ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"],
     "gpt2": ["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.attn.c_attn.weight", "transformer.h.1.ln_1.bias"],
 }
-NEURONS = [1, 5, 7, 40]
-
-
-def element_selection(arch):
-    """MLP neurons 1, 5, 7, 40 of layer 0: rows of OLMo's up_proj (a full-shape mask), columns of
-    GPT-2's Conv1D c_fc (a broadcast (1, out) mask) and its bias; plus one tensor whole."""
-    if arch == "olmo":
-        rows = torch.zeros(64, 32, dtype=torch.bool)
-        rows[NEURONS] = True
-        return ["model.layers.1.self_attn.v_proj.weight"], {"model.layers.0.mlp.up_proj.weight": rows}
-    columns = torch.zeros(1, 64, dtype=torch.bool)
-    columns[0, NEURONS] = True
-    bias = torch.zeros(64, dtype=torch.bool)
-    bias[NEURONS] = True
-    return ["transformer.h.1.attn.c_proj.weight"], {"transformer.h.0.mlp.c_fc.weight": columns, "transformer.h.0.mlp.c_fc.bias": bias}
 
 
 def make_mask(model, arch, kind):
     if kind == "tensor":
         return Mask.from_names(model, WHOLE[arch])
-    tensors, elements = element_selection(arch)
+    tensors, elements = neuron_selection(arch)
     return Mask.from_selection(model, tensors, elements)
 
 
@@ -196,7 +182,7 @@ def test_objective_with_masked_training_keeps_the_rest(make_model, batch):
 
 def test_save_load_round_trip(make_model, tmp_path):
     model = make_model("gpt2")
-    tensors, elements = element_selection("gpt2")
+    tensors, elements = neuron_selection("gpt2")
     mask = Mask.from_selection(model, tensors, elements, settings={"top": 0.1, "score": "soir"})
     assert mask.n_selected == 32 * 32 + 32 * 4 + 4
     path = mask.save(tmp_path / "sel")
@@ -233,8 +219,8 @@ def test_loading_something_else_is_a_user_error(make_model, tmp_path):
 
 
 def test_a_mask_from_another_model_is_a_user_error(make_model, tmp_path):
-    from tests.conftest import SMALL
     from soir.models import TinySize
+    from tests.conftest import SMALL
 
     olmo = make_model("olmo")
     Mask.from_names(olmo, WHOLE["olmo"]).save(tmp_path)

@@ -1,4 +1,4 @@
-"""Unlearning objectives against values computed by hand from fixed logits (DESIGN.md §7)."""
+"""Unlearning objectives against values computed by hand from fixed logits (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import torch
 from soir.data import collate, encode, pad_id
 from soir.errors import UserError
 from soir.mask import Mask
-from unlearn.objectives import OBJECTIVES, ObjectiveSettings, check_settings, get_objective
+from unlearn.objectives import (
+    OBJECTIVES,
+    ObjectiveSettings,
+    check_settings,
+    get_objective,
+)
 from unlearn.reference import make_reference
 
 V = 7
@@ -105,7 +110,7 @@ def log_sigmoid(z):
 
 
 BATCHES = {"forget": FORGET, "retain": RETAIN}
-S = ObjectiveSettings(w_forget=0.7, w_retain=1.3, w_kl=0.4, beta=0.5, delta=0.3)
+S = ObjectiveSettings(w_forget=0.7, w_retain=1.3, w_kl=0.4, beta=0.5, margin=0.3)
 
 
 def run(name, setup, settings=S, batches=BATCHES):
@@ -153,8 +158,8 @@ def test_npo_without_retain_term(setup):
 def test_simnpo(setup):
     loss, parts = run("simnpo", setup)
     cur = token_logprobs(setup.model_f, FORGET["labels"])
-    beta, delta = 0.5, 0.3
-    simnpo = -(2 / beta) * sum(log_sigmoid(-beta * sum(c) / len(c) - delta) for c in cur) / len(cur)
+    beta, margin = 0.5, 0.3
+    simnpo = -(2 / beta) * sum(log_sigmoid(-beta * sum(c) / len(c) - margin) for c in cur) / len(cur)
     assert parts["simnpo"] == pytest.approx(simnpo, rel=1e-5)
     assert loss == pytest.approx(0.7 * simnpo + 1.3 * mean_nll(setup.model_r, RETAIN["labels"]), rel=1e-5)
 

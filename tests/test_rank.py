@@ -11,21 +11,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from soir.cli import build_parser, main
-from soir.curvature import taylor_coefficients
-from soir.data import encode, pad_id, read_split
+from soir.curvature import hvp_quadratic_forms, taylor_coefficients
+from soir.data import encode, pad_id, read_split, split_batches
 from soir.errors import UserError
 from soir.models import load_model, load_tokenizer
-from soir.ranking import (
-    BASE_COLUMNS,
-    SOIR_COLUMNS,
-    RankSettings,
-    hvp_quadratic_forms,
-    load,
-    rank,
-    split_batches,
-)
+from soir.ranking import BASE_COLUMNS, SOIR_COLUMNS, RankSettings, load, rank
 from soir.scores import SCORES, soir_components
+from soirlab.cli import build_parser, main
 
 LAYERS = (r"layers\.",)
 
@@ -135,7 +127,7 @@ def test_user_errors(testbed):
         rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(score="shift"), progress=False)
     with pytest.raises(UserError, match="true parameter coordinates"):
         RankSettings(score="wagle", sketch="sjlt")
-    with pytest.raises(UserError, match="unknown --score"):
+    with pytest.raises(UserError, match="unknown score"):
         RankSettings(score="nope")
     with pytest.raises(UserError, match="matched no parameter group"):
         rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(score="random", include=("nope",)), progress=False)
@@ -165,11 +157,11 @@ def test_cli_rank_end_to_end_and_errors(testbed, tmp_path, capsys):
 
 
 def test_cli_choices_match_the_registries():
+    from soir.curvature import CURVATURES
     from soir.groups import GRANULARITIES, NORMS
-    from soir.ranking import CURVATURES
     from soir.sketch import SKETCHES
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["rank"]
+    sub = next(a for a in build_parser(["rank"])._actions if a.dest == "command").choices["rank"]
     choices = {a.dest: list(a.choices) for a in sub._actions if a.choices}
     assert choices["score"] == list(SCORES) and choices["sketch"] == list(SKETCHES)
     assert choices["granularity"] == list(GRANULARITIES) and choices["norms"] == list(NORMS)

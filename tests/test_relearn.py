@@ -8,11 +8,16 @@ import tempfile
 import pandas as pd
 import pytest
 
-from analysis.relearn import RelearnSettings, relearn_attack, split_by_subject, subject_of
-from soir.cli import main
+from analysis.relearn import (
+    RelearnSettings,
+    relearn_attack,
+    split_by_subject,
+    subject_of,
+)
 from soir.data import BatchStream, encode, pad_id, read_split
 from soir.errors import UserError
 from soir.models import load_model, load_tokenizer
+from soirlab.cli import main
 from unlearn.loop import Trainer, TrainSettings
 from unlearn.objectives import get_objective
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from soir.curvature import split_loss, taylor_coefficients
-from soir.gradients import mean_gradient, per_example_grads
 from soir.data import collate, encode, pad_id
 from soir.errors import UserError
+from soir.gradients import mean_gradient, per_example_grads
 from soir.scores import (
     SCORES,
     fisher,
@@ -193,6 +193,8 @@ def test_baselines_on_hand_made_gradients():
 def test_score_registry():
     assert set(SCORES) == {"soir", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random"}
     assert SCORES["soir"].lower_is_better and not SCORES["soir-datainf"].lower_is_better
-    assert SCORES["soir"].fn(a=1.0, b=1.0, c_f=0.0, c_r=0.0, delta=2.0) == pytest.approx(2.0)
-    with pytest.raises(UserError, match="unknown --score"):
+    one = torch.tensor([1.0])  # a = |g_f|² = 1, b = g_rᵀ g_f = 1: η = Δ / a = 2, R = η b = 2
+    row = SCORES["soir"].fn(mean_forget=one, mean_retain=one, c_f=0.0, c_r=0.0, delta=2.0)
+    assert row["score"] == pytest.approx(2.0) and row["eta"] == pytest.approx(2.0) and row["a"] == row["b"] == 1.0
+    with pytest.raises(UserError, match="unknown score"):
         get_score("nope")

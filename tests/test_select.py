@@ -7,14 +7,13 @@ import math
 
 import pytest
 
-from soir.cli import main
 from soir.data import encode, pad_id
 from soir.errors import UserError
 from soir.groups import parameter_groups
 from soir.mask import load as load_mask
 from soir.ranking import RankSettings, rank
 from soir.select import SelectSettings, select
-
+from soirlab.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

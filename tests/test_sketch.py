@@ -1,4 +1,4 @@
-"""Gradient sketches (DESIGN.md §6): unbiased inner products, exact factored sketches, seeding, files."""
+"""Gradient sketches (docs/design.md §6): unbiased inner products, exact factored sketches, seeding, files."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_sketch_of_all_linear_weights_runs_in_float32(make_model, batch):
     assert all(s.shape == (3, 64) and s.dtype == torch.float32 and torch.isfinite(s).all() for s in sketches.values())
     with pytest.raises(ValueError, match="factored sketches take"):
         FactoredSketcher(model, ["gpt_neox.final_layer_norm"], k=4)
-    with pytest.raises(ValueError, match="unknown sketch"):
+    with pytest.raises(UserError, match="unknown sketch"):
         make_sketch("fft", D, K, "w")
 
 

@@ -1,41 +1,29 @@
-"""The unlearn stage (DESIGN.md §7, §10): outside the mask nothing moves, resume is exact,
+"""The unlearn stage (docs/design.md §7, §10): outside the mask nothing moves, resume is exact,
 bad input ends with one line and exit 2, and the artifacts are written."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soir.cli import main
 from soir.mask import Mask
-from soir.models import save_model
+from soir.models import ModelSettings, save_model
+from soirlab.cli import main
+from tests.conftest import neuron_selection
 from unlearn.loop import TrainSettings
 from unlearn.objectives import ObjectiveSettings
 from unlearn.unlearning import UnlearnSettings, unlearn
 
-NEURONS = [1, 5, 7, 40]
 MASKS = {
     # tensor masks: whole tensors only
     ("olmo", "tensor"): (["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"], {}),
     ("gpt2", "tensor"): (["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.attn.c_attn.weight", "transformer.h.1.ln_1.bias"], {}),
 }
-
-
-def element_mask(arch):
-    """MLP neurons of layer 0 (rows of OLMo's up_proj; columns of GPT-2's Conv1D c_fc and its bias) plus one tensor whole."""
-    if arch == "olmo":
-        rows = torch.zeros(64, 1, dtype=torch.bool)
-        rows[NEURONS] = True
-        return ["model.layers.1.self_attn.v_proj.weight"], {"model.layers.0.mlp.up_proj.weight": rows}
-    columns = torch.zeros(1, 64, dtype=torch.bool)
-    columns[0, NEURONS] = True
-    bias = torch.zeros(64, dtype=torch.bool)
-    bias[NEURONS] = True
-    return ["transformer.h.1.attn.c_proj.weight"], {"transformer.h.0.mlp.c_fc.weight": columns, "transformer.h.0.mlp.c_fc.bias": bias}
 
 
 @pytest.fixture
@@ -50,8 +38,8 @@ def setup(tmp_path, tokenizer, qa_frame, make_model):
 
 def settings(d, arch, out, **kw):
     train = kw.pop("train", TrainSettings(steps=4, lr=1e-2, weight_decay=0.1, warmup=0, progress=False, seed=1))
-    return UnlearnSettings(model=str(d / arch), forget=(str(d / "forget.parquet"),), retain=(str(d / "retain.parquet"),), out=str(out),
-                           batch_size=2, train=train, **kw)
+    return UnlearnSettings(model=ModelSettings(str(d / arch), dtype="float32"), forget=(str(d / "forget.parquet"),),
+                           retain=(str(d / "retain.parquet"),), out=str(out), train=replace(train, batch_size=2), **kw)
 
 
 @pytest.mark.parametrize("kind", ["tensor", "element"])
@@ -60,7 +48,7 @@ def test_outside_the_mask_is_bit_identical(setup, make_model, arch, kind):
     from soir.models import load_model
 
     model = load_model(setup / arch)
-    tensors, elements = MASKS[arch, kind] if kind == "tensor" else element_mask(arch)
+    tensors, elements = MASKS[arch, kind] if kind == "tensor" else neuron_selection(arch, broadcast=True)
     mask = Mask.from_selection(model, tensors, elements)
     mask.save(setup / "mask")
     out = setup / "out"
@@ -97,7 +85,7 @@ def test_resume_after_interruption_is_bit_identical(setup):
     """An element mask and KL (the swap reference must hold the ORIGINAL values after resuming)."""
     from soir.models import load_model
 
-    tensors, elements = element_mask("olmo")
+    tensors, elements = neuron_selection("olmo", broadcast=True)
     Mask.from_selection(load_model(setup / "olmo"), tensors, elements).save(setup / "mask")
     train = TrainSettings(steps=10, lr=1e-2, weight_decay=0.1, warmup=2, progress=False, seed=3, eval_every=1, save_every=3)
     base = dict(objective="kl", mask=str(setup / "mask"), weights=ObjectiveSettings(w_kl=2.0), train=train)

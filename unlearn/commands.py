@@ -1,60 +1,113 @@
-"""Command-line handlers of the `unlearn` package (`finetune`, `unlearn`)."""
+"""The `unlearn` package's subcommands: `finetune` and `unlearn` (flags and handlers; see `soir.commands`)."""
 
 from __future__ import annotations
 
-from soir.data import parse_column_map
-from soir.errors import UserError
-from soir.models import TinySize
-from unlearn.finetune import FinetuneSettings, finetune as run_finetune
+from soir.flags import (
+    add_common,
+    add_data,
+    add_model,
+    add_progress,
+    add_selection,
+    add_tiny,
+    data_settings,
+    model_settings,
+    named_files,
+    selection_settings,
+)
+from soir.settings import add_settings, describe_choices, from_args
 from unlearn.loop import TrainSettings
+from unlearn.objectives import ObjectiveSettings
+
+WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin")
+
+
+TRAIN_FLAGS = ("batch_size", "lr", "optimizer", "weight_decay", "momentum", "warmup", "schedule", "max_grad_norm",
+               "grad_accum", "eval_every", "save_every")
+
+
+def add_train(parser, lr: float) -> None:
+    """The training flags shared by `finetune` and `unlearn` (help and defaults from `TrainSettings`)."""
+    group = parser.add_argument_group("training")
+    add_settings(group.add_mutually_exclusive_group(), TrainSettings, ("steps", "epochs"))
+    add_settings(group, TrainSettings, TRAIN_FLAGS, defaults={"lr": lr})
+    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_progress(group)
 
 
 def train_settings(args) -> TrainSettings:
-    """The training flags shared by `finetune` and `unlearn`."""
-    return TrainSettings(
-        steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
-        max_grad_norm=args.max_grad_norm or None, grad_accum=args.grad_accum, eval_every=args.eval_every,
-        save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-    )
+    """The training flags as `TrainSettings`."""
+    return from_args(TrainSettings, args, ("steps", "epochs", *TRAIN_FLAGS), seed=args.seed, progress=not args.no_progress)
 
 
-def parse_named_files(items: list[str]) -> dict[str, list[str]]:
-    """`forget=a.parquet retain=b.parquet` -> {"forget": ["a.parquet"], "retain": ["b.parquet"]}."""
-    named: dict[str, list[str]] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"bad --eval item {item!r}: write NAME=FILE, e.g. forget=forget.parquet")
-        named.setdefault(name, []).append(path)
-    return named
+# ---------------------------------------------------------------- soir finetune
+
+
+def finetune_arguments(p) -> None:
+    add_model(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training splits (parquet, jsonl or csv)")
+    p.add_argument("--eval", nargs="+", default=[], metavar="NAME=FILE", help="splits to track with --eval-every, e.g. forget=forget.parquet")
+    add_data(p)
+    add_train(p, lr=3e-3)
+    add_tiny(p)
+    add_common(p, "model directory to write")
 
 
 def finetune(args) -> int:
-    """`soir finetune`."""
-    settings = FinetuneSettings(
-        model=args.model, data=tuple(args.data), out=args.out, tokenizer=args.tokenizer, train=train_settings(args),
-        epochs=args.epochs, batch_size=args.batch_size, template=args.template, max_length=args.max_length,
-        columns=parse_column_map(args.columns), size=TinySize(args.hidden, args.layers, args.heads, args.intermediate),
-        dtype=args.dtype, device=args.device, resume=args.resume, overwrite=args.overwrite,
-    )
-    result = run_finetune(settings, parse_named_files(args.eval))
+    """Finetune all parameters on --data with NLL on answer tokens. Writes a save_pretrained model
+    directory with its tokenizer, log.jsonl, finetune.json and checkpoints/ (with --save-every)."""
+    from unlearn.finetune import FinetuneSettings
+    from unlearn.finetune import finetune as run_finetune
+
+    settings = FinetuneSettings(model=model_settings(args), data=tuple(args.data), out=args.out, input=data_settings(args),
+                                train=train_settings(args), resume=args.resume, overwrite=args.overwrite)
+    result = run_finetune(settings, named_files(args.eval))
     print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
     return 0
 
 
-def unlearn(args) -> int:
-    """`soir unlearn`."""
-    from unlearn.objectives import ObjectiveSettings
-    from unlearn.unlearning import UnlearnSettings, unlearn as run_unlearn
+# ---------------------------------------------------------------- soir unlearn
 
+
+def unlearn_arguments(p) -> None:
+    from unlearn.objectives import OBJECTIVES
+
+    add_model(p)
+    p.add_argument("--forget", nargs="+", required=True, metavar="FILE", help="the split to forget (parquet, jsonl or csv)")
+    p.add_argument("--retain", nargs="+", required=True, metavar="FILE", help="the split to keep")
+    unlearning = [name for name, objective in OBJECTIVES.items() if "forget" in objective.streams]
+    p.add_argument("--objective", default="graddiff", choices=unlearning, metavar="NAME",
+                   help=f"the unlearning objective (default: graddiff): {describe_choices(OBJECTIVES, unlearning)}")
+    g = p.add_argument_group("which parameters may change", "One source (default: all): --mask; or --ranking with --top and the "
+                             "other selection flags; or --include/--exclude alone, regexes over parameter names, selected whole.")
+    g.add_argument("--mask", metavar="DIR|FILE", help="a mask from `soir select` (its directory or mask.safetensors)")
+    g.add_argument("--ranking", metavar="DIR|FILE", help="a ranking from `soir rank`, selected with --top")
+    add_selection(g, with_ranking=True)
+    add_settings(p, ObjectiveSettings, WEIGHT_FLAGS, group="objective weights")
+    add_data(p)
+    add_train(p, lr=1e-5)
+    add_common(p, "directory for the unlearned model and its logs")
+
+
+def unlearn(args) -> int:
+    """Unlearn --forget while keeping --retain, changing only the parameters a mask selects (--mask; or
+    --ranking with --top; or --include/--exclude regexes over parameter names; default: all).
+    Everything else stays bit-identical. Writes a save_pretrained model with its tokenizer,
+    log.jsonl (every loss component per step), eval.jsonl (teacher-forced answer accuracy on forget
+    and retain with --eval-every), mask.safetensors/mask.json, unlearn.json and checkpoints/ (with
+    --save-every; --resume continues exactly)."""
+    from unlearn.unlearning import UnlearnSettings
+    from unlearn.unlearning import unlearn as run_unlearn
+
+    # with a ranking, --include/--exclude scope its groups; without one they select parameters by name
+    selection = selection_settings(args) if args.top is not None else None
+    include, exclude = ((), ()) if args.ranking else (tuple(args.include), tuple(args.exclude))
     settings = UnlearnSettings(
-        model=args.model, forget=tuple(args.forget), retain=tuple(args.retain), out=args.out, objective=args.objective,
-        weights=ObjectiveSettings(w_forget=args.w_forget, w_retain=args.w_retain, w_kl=args.w_kl, beta=args.beta, delta=args.delta),
-        mask=args.mask, ranking=args.ranking, top=args.top, by=args.by, per_kind=args.per_kind, offset=args.offset,
-        bottom=args.bottom, include=tuple(args.include), exclude=tuple(args.exclude),
-        tokenizer=args.tokenizer, train=train_settings(args), epochs=args.epochs, batch_size=args.batch_size,
-        template=args.template, max_length=args.max_length, columns=parse_column_map(args.columns),
-        dtype=args.dtype or "float32", device=args.device, resume=args.resume, overwrite=args.overwrite,
+        model=model_settings(args, dtype="float32"), forget=tuple(args.forget), retain=tuple(args.retain), out=args.out,
+        objective=args.objective,
+        weights=from_args(ObjectiveSettings, args, WEIGHT_FLAGS),
+        mask=args.mask, ranking=args.ranking, selection=selection, include=include, exclude=exclude,
+        input=data_settings(args), train=train_settings(args), resume=args.resume, overwrite=args.overwrite,
     )
     result = run_unlearn(settings)
     print(f"unlearned model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")

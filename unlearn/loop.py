@@ -1,4 +1,4 @@
-"""The training loop shared by finetuning and unlearning (DESIGN.md §7).
+"""The training loop shared by finetuning and unlearning (docs/design.md §7).
 
 Steps (or epochs), a warmup + cosine/linear/constant schedule, gradient clipping and
 accumulation, an evaluation callback every N steps, a JSONL log, a tqdm bar, atomic
@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -26,29 +26,39 @@ from tqdm.auto import tqdm
 
 from soir.errors import UserError
 from soir.io import atomic_path
+from soir.settings import setting
+from unlearn.optimizers import OPTIMIZERS, make_optimizer
 
 CHECKPOINTS = "checkpoints"
 # settings that shape the trajectory: a resumed run must use the ones its checkpoint was made with
-TRAJECTORY = ("steps", "lr", "weight_decay", "betas", "warmup", "schedule", "min_lr_ratio", "max_grad_norm", "grad_accum", "seed")
+TRAJECTORY = ("steps", "lr", "optimizer", "weight_decay", "betas", "momentum", "warmup", "schedule", "min_lr_ratio",
+              "max_grad_norm", "grad_accum", "batch_size", "seed")
 EvalCallback = Callable[[torch.nn.Module, int], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How to train: length, optimiser, schedule, and how often to log, evaluate and save."""
+    """How to train: length, batches, optimiser, schedule, and how often to log, evaluate and save.
 
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup: float = 0.05  # fraction of steps (< 1) or a step count (>= 1)
-    schedule: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
+    `epochs`, when set, replaces `steps` (the stage turns it into steps: `resolve_steps`).
+    """
+
+    steps: int = setting(100, "optimiser steps")
+    epochs: float | None = setting(None, "passes over the data, instead of --steps")
+    batch_size: int = setting(32, "rows per batch")
+    lr: float = setting(1e-3, "peak learning rate")
+    optimizer: str = setting("adamw", "the optimiser", choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, "weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's β1 β2")
+    momentum: float = setting(0.0, "SGD momentum")
+    warmup: float = setting(0.05, "warmup: a fraction of the steps (< 1) or a step count")
+    schedule: str = setting("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.0, "the learning rate at the end of the schedule, as a fraction of --lr")
+    max_grad_norm: float | None = setting(1.0, "gradient clipping norm; 0 turns it off")
+    grad_accum: int = setting(1, "micro-batches per step")
+    eval_every: int = setting(0, "log teacher-forced answer accuracy every N steps (0: off)", metavar="N")
+    save_every: int = setting(0, "checkpoint every N steps for --resume (0: off)", metavar="N")
+    keep_checkpoints: int = setting(2, "checkpoints kept")
     seed: int = 0
     progress: bool = True
 
@@ -61,6 +71,17 @@ class TrainSettings:
             raise UserError(f"gradient accumulation must be at least 1, got {self.grad_accum}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise UserError(f"unknown schedule {self.schedule!r}: use cosine, linear or constant")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        OPTIMIZERS.get(self.optimizer)
+
+    def resolve_steps(self, batches_per_epoch: int) -> "TrainSettings":
+        """These settings with `epochs` (if set) turned into a step count."""
+        if self.epochs is None:
+            return self
+        return replace(self, steps=math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update `step` (0-based)."""
@@ -115,7 +136,7 @@ class Trainer:
         self.out = Path(out)
         self.params = dict(parameters) if parameters is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = {id(p): n for n, p in self.params.items()}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        self.optimizer = make_optimizer(settings.optimizer, self.params.values(), settings)
         self.eval_callback, self.reference = eval_callback, reference
         self.before_clip, self.after_step = before_clip, after_step
         self.step = 0
@@ -154,8 +175,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore trained tensors, optimiser state, RNG state and step from `path`."""
         saved = json.loads((path / "state.json").read_text())
-        changed = [f"{key} {saved['settings'][key]} -> {value}" for key, value in asdict(self.settings).items()
-                   if key in TRAJECTORY and json.loads(json.dumps(value)) != saved["settings"][key]]
+        now = json.loads(json.dumps(asdict(self.settings)))
+        changed = [f"{key} {saved['settings'][key]} -> {now[key]}" for key in TRAJECTORY
+                   if key in saved["settings"] and now[key] != saved["settings"][key]]
         if changed:
             raise UserError(f"checkpoint {path} was made with other training settings ({'; '.join(changed)}): resume with the same ones")
         weights = load_file(path / "weights.safetensors")

@@ -1,4 +1,4 @@
-"""Masked optimisation: only the parameters a `Mask` selects may change (DESIGN.md §7).
+"""Masked optimisation: only the parameters a `Mask` selects may change (docs/design.md §7).
 
 Parameters outside the mask get requires_grad=False and are never given to the optimiser,
 so no gradient, weight decay or momentum reaches them. A parameter with an element mask is

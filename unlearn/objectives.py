@@ -1,8 +1,10 @@
 """Training objectives, registered by name: `finetune`, and the unlearning objectives `ga`,
-`graddiff`, `kl`, `npo`, `simnpo`, `combo` (DESIGN.md §7).
+`graddiff`, `kl`, `npo`, `simnpo`, `combo` (docs/design.md §7).
 
-An objective names the batch streams it needs (`train`, or `forget` and `retain`) and maps a
-model plus one batch per stream to a scalar loss and its named components (for the log).
+An objective is one class plus one registration (`@register_objective(NAME)`): it declares
+the batch streams it needs (`train`, or `forget` and `retain`), whether it needs the
+reference model, and the weights it uses, and maps a model plus one batch per stream to a
+scalar loss and its named components (for the log).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from soir.data import IGNORE_INDEX, example_losses, lm_logits, per_example_loss, token_nll
+from soir.data import IGNORE_INDEX, example_losses, per_example_loss, token_nll
 from soir.errors import UserError
+from soir.registry import Registry
+from soir.runtime import lm_logits
+from soir.settings import setting
 
 Batch = dict[str, torch.Tensor]
 
@@ -24,11 +29,11 @@ Batch = dict[str, torch.Tensor]
 class ObjectiveSettings:
     """Weights and temperatures shared by the objectives; each uses the ones it needs."""
 
-    w_forget: float = 1.0
-    w_retain: float = 1.0
-    w_kl: float = 1.0
-    beta: float = 0.1
-    delta: float = 0.0
+    w_forget: float = setting(1.0, "weight of the forget term")
+    w_retain: float = setting(1.0, "weight of the retain NLL (graddiff, npo, simnpo, combo)")
+    w_kl: float = setting(1.0, "weight of the KL to the original model on retain (kl, combo)")
+    beta: float = setting(0.1, "NPO/SimNPO inverse temperature β")
+    margin: float = setting(0.0, "SimNPO's margin γ")
 
 
 class Objective(Protocol):
@@ -38,27 +43,26 @@ class Objective(Protocol):
     def __call__(self, model, batches: dict[str, Batch], reference=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-OBJECTIVES: dict[str, Callable[[ObjectiveSettings], Objective]] = {}
+OBJECTIVES: Registry[Callable[[ObjectiveSettings], Objective]] = Registry("objective", "--objective")
 
 
-def register_objective(name: str):
+def register_objective(name: str, help: str = ""):
     """Class decorator: make an objective available as `--objective NAME`."""
 
     def decorate(cls):
-        OBJECTIVES[name] = cls
+        cls.name = name
+        OBJECTIVES.register(name, cls, help=help)
         return cls
 
     return decorate
 
 
 def get_objective(name: str, settings: ObjectiveSettings = ObjectiveSettings()) -> Objective:
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}: use one of {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](settings)
+    return OBJECTIVES.get(name)(settings)
 
 
 def nll(model, batch: Batch) -> torch.Tensor:
-    """Mean over examples of the per-example answer NLL (DESIGN.md §3)."""
+    """Mean over examples of the per-example answer NLL (docs/design.md §3)."""
     return example_losses(model, batch).mean()
 
 
@@ -79,7 +83,7 @@ class Finetune:
 
 # ---------------------------------------------------------------- unlearning objectives
 #
-# Conventions shared by all of them (DESIGN.md §3, §7):
+# Conventions shared by all of them (docs/design.md §3, §7):
 # - NLL_s is the mean over the examples of stream s of each example's mean NLL over its
 #   labelled tokens (answer + EOS); prompt and padding positions never count.
 # - log π(y|x) of an example is the SUM of the log-probabilities of its labelled tokens
@@ -122,9 +126,7 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
     Weights must be finite and ≥ 0, and the weights the objective uses must not all be 0
     (their sum would be zero: there would be nothing to optimise); NPO and SimNPO need β > 0.
     """
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}: use one of {', '.join(sorted(OBJECTIVES))}")
-    used = getattr(OBJECTIVES[name], "weights", ())
+    used = getattr(OBJECTIVES.get(name), "weights", ())
     for field_name in used:
         value = getattr(settings, field_name)
         if not math.isfinite(value) or value < 0:
@@ -135,8 +137,8 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
     if "beta" in getattr(OBJECTIVES[name], "temperatures", ()):
         if not math.isfinite(settings.beta) or settings.beta <= 0:
             raise UserError(f"objective {name}: beta={settings.beta} must be > 0")
-        if not math.isfinite(settings.delta):
-            raise UserError(f"objective {name}: delta={settings.delta} must be finite")
+        if not math.isfinite(settings.margin):
+            raise UserError(f"objective {name}: margin={settings.margin} must be finite")
 
 
 class _Unlearning:
@@ -166,15 +168,7 @@ class _Unlearning:
         return loss
 
 
-def _register(name: str):
-    def decorate(cls):
-        cls.name = name
-        return register_objective(name)(cls)
-
-    return decorate
-
-
-@_register("ga")
+@register_objective("ga")
 class GradientAscent(_Unlearning):
     """Gradient ascent: loss = −w_f · NLL_f."""
 
@@ -186,7 +180,7 @@ class GradientAscent(_Unlearning):
         return -self.settings.w_forget * forget, {"forget_nll": forget.detach()}
 
 
-@_register("graddiff")
+@register_objective("graddiff")
 class GradDiff(_Unlearning):
     """Gradient difference: loss = w_f · (−NLL_f) + w_r · NLL_r."""
 
@@ -225,7 +219,7 @@ def _forget_and_kl(objective, model, batches, reference, with_retain_nll: bool):
     return loss, parts
 
 
-@_register("kl")
+@register_objective("kl")
 class KLMinimisation(_Unlearning):
     """loss = w_f · (−NLL_f) + w_kl · KL(p_ref ‖ p_model) on retain (labelled tokens only)."""
 
@@ -236,7 +230,7 @@ class KLMinimisation(_Unlearning):
         return _forget_and_kl(self, model, batches, self._reference(reference), with_retain_nll=False)
 
 
-@_register("combo")
+@register_objective("combo")
 class Combo(_Unlearning):
     """The seed report's sum: w_f · (−NLL_f) + w_r · NLL_r + w_kl · KL(p_ref ‖ p_model) on retain."""
 
@@ -247,7 +241,7 @@ class Combo(_Unlearning):
         return _forget_and_kl(self, model, batches, self._reference(reference), with_retain_nll=True)
 
 
-@_register("npo")
+@register_objective("npo")
 class NPO(_Unlearning):
     """Negative Preference Optimisation (Zhang et al. 2024), as in OpenUnlearning:
 
@@ -276,26 +270,26 @@ class NPO(_Unlearning):
         return self._retain_nll(model, batches, loss, parts), parts
 
 
-@_register("simnpo")
+@register_objective("simnpo")
 class SimNPO(_Unlearning):
     """SimNPO (Fan et al. 2024, "Simplicity Prevails"): NPO without a reference, length-normalised:
 
-        loss = w_f · −(2/β) · mean_i log σ(−(β/|y_i|) log π_θ(y_i|x_i) − δ) + w_r · NLL_r
+        loss = w_f · −(2/β) · mean_i log σ(−(β/|y_i|) log π_θ(y_i|x_i) − γ) + w_r · NLL_r
 
-    |y_i| is the number of labelled tokens. δ is the paper's margin γ, not multiplied by β
-    (OpenUnlearning writes σ(β(NLL − δ)), i.e. margin βδ; the two agree at δ = 0).
+    |y_i| is the number of labelled tokens. γ (`margin`) is the paper's margin, not multiplied
+    by β (OpenUnlearning writes σ(β(NLL − δ)), i.e. margin βδ; the two agree at 0).
     """
 
     weights = ("w_forget", "w_retain")
     temperatures = ("beta",)
 
     def __call__(self, model, batches, reference=None):
-        beta, delta = self.settings.beta, self.settings.delta
+        beta, margin = self.settings.beta, self.settings.margin
         loss, parts = 0.0, {}
         if self.settings.w_forget:
             batch = batches["forget"]
             mean_nll = per_example_loss(lm_logits(model, batch), batch["labels"])  # −(1/|y|) log π_θ(y|x)
-            simnpo = -(2.0 / beta) * F.logsigmoid(beta * mean_nll - delta).mean()
+            simnpo = -(2.0 / beta) * F.logsigmoid(beta * mean_nll - margin).mean()
             parts["simnpo"] = simnpo.detach()
             parts["forget_nll"] = mean_nll.mean().detach()
             loss = self.settings.w_forget * simnpo

@@ -1,4 +1,4 @@
-"""The reference model of KL and NPO: the model before unlearning (DESIGN.md §7).
+"""The reference model of KL and NPO: the model before unlearning (docs/design.md §7).
 
 Masked unlearning changes only the selected tensors, so the reference needs the original
 values of those alone: `SwapReference` keeps a copy of them and swaps it in for the
@@ -12,31 +12,15 @@ and without grad; it leaves the model's parameters, and its train/eval modes, as
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Iterable, Mapping
 
 import torch
 
 from soir.mask import Mask
+from soir.runtime import eval_mode, lm_logits
 
 Batch = dict[str, torch.Tensor]
-
-
-def _forward(model, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
 
 class SwapReference:
     """The original values of `selected_names`, swapped into `model` for each reference forward.
@@ -71,8 +55,8 @@ class SwapReference:
         try:
             for param, original in self._params:
                 param.data = original
-            with _eval_mode(self.model):
-                return _forward(self.model, batch).detach()
+            with eval_mode(self.model):
+                return lm_logits(self.model, batch).detach()
         finally:
             for (param, _), data in zip(self._params, current):
                 param.data = data
@@ -88,7 +72,7 @@ class CopyReference:
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
-        return _forward(self.model, batch).detach()
+        return lm_logits(self.model, batch).detach()
 
 
 def make_reference(model, mask: Mask, originals: Mapping[str, torch.Tensor] | None = None):

@@ -1,11 +1,11 @@
 """The unlearn stage: masked unlearning of a model on a forget split, keeping a retain split
-(DESIGN.md §7, §10).
+(docs/design.md §7, §10).
 
 Which parameters may change comes from one of
 
 - `mask`: a mask directory or `mask.safetensors` (`soir select` writes them);
-- `ranking` + `top` (and the other selection settings): a `soir rank` ranking, selected here
-  with `soir.select.select`;
+- `ranking` + `selection` (`SelectSettings`): a `soir rank` ranking, selected here with
+  `soir.select.select`;
 - `include` / `exclude`: regular expressions (`re.search`) over parameter names, selecting
   whole tensors (exclude-only: everything but those);
 - nothing: every parameter.
@@ -25,21 +25,22 @@ and the result). Everything the user supplies is checked before anything is writ
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from soir.data import BatchStream, Template, answer_accuracy, encode, pad_id, read_splits, teacher_forced
+from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
 from soir.errors import UserError
 from soir.io import check_out_dir, write_json
-from soir.mask import TENSORS_FILE, Mask, load as load_mask
-from soir.models import TINY_PREFIX, TinySize, check_model_dir, load_model, load_tokenizer
+from soir.mask import TENSORS_FILE, Mask
+from soir.mask import load as load_mask
+from soir.models import ModelSettings
 from soir.ranking import load as load_ranking
+from soir.runtime import device_of, to_device
 from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
 from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
@@ -53,10 +54,9 @@ SETTINGS_FILE = "unlearn.json"
 
 @dataclass(frozen=True)
 class UnlearnSettings:
-    """What to unlearn, on which parameters, and how; `epochs`, when set, overrides `train.steps`
-    (an epoch is one pass over the forget split)."""
+    """What to unlearn, on which parameters, and how (an epoch is one pass over the forget split)."""
 
-    model: str
+    model: ModelSettings
     forget: tuple[str, ...]
     retain: tuple[str, ...]
     out: str
@@ -65,24 +65,11 @@ class UnlearnSettings:
     # the mask: at most one source
     mask: str | None = None
     ranking: str | None = None
-    top: float | None = None
-    by: str = "groups"
-    per_kind: bool = False
-    offset: int = 0
-    bottom: bool = False
-    include: tuple[str, ...] = ()
+    selection: SelectSettings | None = None  # how to select from `ranking`
+    include: tuple[str, ...] = ()  # without a ranking: regexes over parameter names, selected whole
     exclude: tuple[str, ...] = ()
-    # model and data
-    tokenizer: str | None = None
+    input: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-5))
-    epochs: float | None = None
-    batch_size: int = 32
-    template: str = Template().text
-    max_length: int = 256
-    columns: dict[str, str] | None = None
-    size: TinySize = field(default_factory=TinySize)
-    dtype: str | None = "float32"
-    device: str | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -94,9 +81,11 @@ def _check_sources(s: UnlearnSettings) -> None:
     regex = bool(s.include or s.exclude)
     if s.mask and (s.ranking or regex):
         raise UserError("--mask cannot be combined with --ranking or --include/--exclude: give one source of the mask")
-    if s.ranking and s.top is None:
+    if s.ranking and regex:
+        raise UserError("with --ranking, --include/--exclude scope the ranking's groups: give them in the selection settings")
+    if s.ranking and s.selection is None:
         raise UserError("--ranking needs --top (a fraction like 0.1, or a count of groups)")
-    if s.top is not None and not s.ranking:
+    if s.selection is not None and not s.ranking:
         raise UserError("--top selects from a ranking: give --ranking DIR too (or a ready mask with --mask)")
 
 
@@ -131,8 +120,7 @@ def build_mask(model, s: UnlearnSettings) -> Mask:
         return mask
     if s.ranking:
         ranking = load_ranking(s.ranking)
-        chosen = SelectSettings(top=s.top, by=s.by, per_kind=s.per_kind, offset=s.offset, bottom=s.bottom, include=tuple(s.include), exclude=tuple(s.exclude))
-        mask = select(ranking, model, chosen)
+        mask = select(ranking, model, s.selection)
         mask.check_fits(model, source=f"the selection from {s.ranking}")
         return mask
     if s.include or s.exclude:
@@ -195,21 +183,13 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
     s = settings
     out = Path(s.out)
     # ---- check everything the user gave, before writing anything
-    if s.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {s.batch_size}")
     _check_sources(s)
     objective = get_objective(s.objective, s.weights)
     if "forget" not in objective.streams:
         raise UserError(f"objective {s.objective} does not unlearn (it has no forget term): use ga, graddiff, kl, npo, simnpo or combo")
-    if s.model.startswith(TINY_PREFIX):
-        if s.tokenizer is None:
-            raise UserError(f"--model {s.model} builds a model from config and needs --tokenizer DIR")
-    else:
-        check_model_dir(s.model)
-    tokenizer = load_tokenizer(s.tokenizer or s.model)
-    template = Template(s.template)
-    frames = {"forget": read_splits(s.forget, s.columns), "retain": read_splits(s.retain, s.columns)}
-    model = load_model(s.model, tokenizer, dtype=s.dtype, device=s.device, size=s.size, seed=s.train.seed)
+    tokenizer = s.model.load_tokenizer()
+    frames = {"forget": s.input.read(s.forget), "retain": s.input.read(s.retain)}
+    model = s.model.load(tokenizer, seed=s.train.seed)
     mask = build_mask(model, s)
     check_out_dir(out, resume=s.resume, overwrite=s.overwrite)
     if s.resume and (out / TENSORS_FILE).is_file():
@@ -217,20 +197,16 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
             raise UserError(f"--resume in {out} needs the mask that run used (its {TENSORS_FILE}); give the same --mask/--ranking/--include flags")
 
     pad = pad_id(tokenizer)
-    encoded = {name: encode(frame, tokenizer, template, s.max_length) for name, frame in frames.items()}
+    encoded = {name: s.input.encode(frame, tokenizer) for name, frame in frames.items()}
     streams_cpu = {
-        "forget": BatchStream(encoded["forget"], s.batch_size, pad, seed=s.train.seed),
-        "retain": BatchStream(encoded["retain"], s.batch_size, pad, seed=s.train.seed + 1),
+        "forget": BatchStream(encoded["forget"], s.train.batch_size, pad, seed=s.train.seed),
+        "retain": BatchStream(encoded["retain"], s.train.batch_size, pad, seed=s.train.seed + 1),
     }
-    train = s.train
-    if s.epochs is not None:
-        if s.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {s.epochs}")
-        train = replace(train, steps=math.ceil(s.epochs * streams_cpu["forget"].batches_per_epoch / train.grad_accum))
-    device = next(model.parameters()).device
+    train = s.train.resolve_steps(streams_cpu["forget"].batches_per_epoch)
+    device = device_of(model)
 
     def on_device(stream: BatchStream) -> Callable[[int], dict]:
-        return lambda index: {k: v.to(device, non_blocking=True) for k, v in stream(index).items()}
+        return lambda index: to_device(stream(index), device)
 
     # ---- masked parameters and the reference, from the model as it was before unlearning
     masked = MaskedParameters(model, mask)

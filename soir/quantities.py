@@ -1,0 +1,223 @@
+"""The per-group inputs of the scores (docs/design.md §5, §6): computed from a model, or stored and read back.
+
+`GroupQuantities(...).compute(needs)` computes exactly the quantities a score `needs`
+(`soir.scores.QUANTITIES`), each at most once:
+
+- `mean_forget`, `mean_retain`: the mean gradient of the split, one batched pass
+  (`soir.gradients.mean_gradient`), gathered per group, or sketched (`SketchPlan`; the sketch
+  of a mean is the mean of the sketches);
+- `c_f`, `c_r`: g_f,Sᵀ H_SS g_f,S of the forget and retain loss, by the chosen curvature
+  method (`soir.curvature.CURVATURES`), with the mean forget gradient as direction;
+- `per_example_forget`, `per_example_retain`: per-example gradient sketches (exact with `none`);
+- `theta`, `theta_base`: the parameters of the model and of its base model.
+
+Values are {group name: tensor} (c_f, c_r: {group name: float}). `save_quantities` writes the
+gradient and sketch quantities (`soir rank --save-sketches`), `load_quantities` reads them for
+`soir.ranking.rerank`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from soir.curvature import CURVATURES, CurvatureOptions
+from soir.data import example_losses
+from soir.errors import UserError
+from soir.gradients import mean_gradient
+from soir.groups import Group, gather, group_table
+from soir.runtime import versions
+from soir.scores import QUANTITIES
+from soir.sketch import (
+    MANIFEST_FILE,
+    SketchPlan,
+    load_sketches,
+    param_names,
+    save_sketches,
+)
+
+SPLITS = ("forget", "retain")
+GROUP_TENSORS = ("mean_forget", "mean_retain", "per_example_forget", "per_example_retain")
+GROUP_SCALARS = ("c_f", "c_r")
+SAVED = GROUP_TENSORS + GROUP_SCALARS  # what --save-sketches stores; θ and θ_base never are
+SKETCHES_FORMAT = "soir-rank-sketches"
+SKETCHES_DIR = "sketches"
+FORMAT_VERSION = 1
+GROUP_COLUMNS = ("group", "layer", "kind", "role", "n_params", "tied")
+
+
+def describe(keys: Iterable[str]) -> str:
+    """'the mean forget gradient and per-example retain sketches' for messages."""
+    text = [QUANTITIES[k] for k in keys]
+    if {"c_f", "c_r"} <= set(keys):
+        text = [t for t in text if not t.startswith("the curvature term")] + ["the curvature terms c_f, c_r"]
+    return " and ".join(dict.fromkeys(text))
+
+
+def progress_bar(progress: bool, total: int, desc: str, unit: str = "step"):
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
+
+
+class GroupQuantities:
+    """The per-group quantities of one model and its forget/retain batches, computed on request.
+
+    `sketch`, `dim`, `seed` pick the gradient sketches, `curvature` the method for c_f, c_r;
+    `base_model` is only needed for `theta_base`. `timings` records seconds per pass.
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[Group], forget: Sequence[Mapping[str, Tensor]],
+                 retain: Sequence[Mapping[str, Tensor]], *, curvature: str = "hvp", options: CurvatureOptions = CurvatureOptions(),
+                 base_model: nn.Module | None = None, loss_fn: Callable = example_losses, progress: bool = True):
+        self.model, self.groups, self.base_model, self.loss_fn, self.progress = model, list(groups), base_model, loss_fn, progress
+        self.batches = {"forget": list(forget), "retain": list(retain)}
+        self.curvature, self.options = curvature, options
+        self.names = param_names(self.groups)
+        self.timings: dict[str, float] = {}
+        self._plan: SketchPlan | None = None
+
+    @property
+    def plan(self) -> SketchPlan:
+        if self._plan is None:
+            self._plan = SketchPlan(self.model, self.groups, self.options.sketch, self.options.dim, self.options.seed)
+        return self._plan
+
+    def compute(self, needs: Iterable[str]) -> dict:
+        """{quantity: {group: value}} for every quantity in `needs`."""
+        needs = list(dict.fromkeys(needs))
+        unknown = [k for k in needs if k not in QUANTITIES]
+        if unknown:
+            raise ValueError(f"unknown quantities {unknown}: use {', '.join(QUANTITIES)}")
+        out: dict = {}
+        curvature = "c_f" in needs or "c_r" in needs
+        means = [s for s in SPLITS if f"mean_{s}" in needs]
+        full = self._mean_gradients([s for s in SPLITS if s in means or (s == "forget" and curvature)])
+        if means:
+            if self.options.sketch == "none":
+                for s in means:
+                    out[f"mean_{s}"] = {g.name: gather(g, full[s]) for g in self.groups}
+            else:
+                for s, sketched in zip(means, self.plan.project_means([full[s] for s in means])):
+                    out[f"mean_{s}"] = sketched
+        if curvature:
+            out["c_f"], out["c_r"] = self._curvature(full["forget"])
+        for s in SPLITS:
+            if f"per_example_{s}" in needs:
+                out[f"per_example_{s}"] = self._per_example(s)
+        if "theta" in needs:
+            out["theta"] = self._gathered(self.model, "model")
+        if "theta_base" in needs:
+            if self.base_model is None:
+                raise UserError("--score shift ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
+            out["theta_base"] = self._gathered(self.base_model, "base model")
+        return {k: out[k] for k in needs}
+
+    def _mean_gradients(self, splits: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        if not splits:
+            return {}
+        start = time.perf_counter()
+        full = {s: mean_gradient(self.model, self.batches[s], self.names, self.loss_fn) for s in splits}
+        self.timings["mean_gradients"] = time.perf_counter() - start
+        return full
+
+    def _curvature(self, direction: Mapping[str, Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+        method = CURVATURES.get(self.curvature)
+        start = time.perf_counter()
+        total = sum(method.steps(len(self.groups), len(self.batches[s]), self.options) for s in SPLITS)
+        with progress_bar(self.progress, total, f"curvature ({self.curvature}, {method.unit})") as bar:
+            forms = [method.forms(self.model, self.batches[s], self.groups, direction, self.options, bar, self.loss_fn) for s in SPLITS]
+        self.timings["curvature"] = time.perf_counter() - start
+        return forms[0], forms[1]
+
+    def _per_example(self, split: str) -> dict[str, Tensor]:
+        start = time.perf_counter()
+        batches = self.batches[split]
+        with progress_bar(self.progress, len(batches), f"per-example sketches ({split})", "batch") as bar:
+            out = self.plan.split(batches, bar, self.loss_fn)
+        self.timings[f"per_example_{split}"] = time.perf_counter() - start
+        return out
+
+    def _gathered(self, model: nn.Module, what: str) -> dict[str, Tensor]:
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        mine = dict(self.model.named_parameters())
+        for n in self.names:
+            if n not in params or tuple(params[n].shape) != tuple(mine[n].shape):
+                raise UserError(f"the {what} does not match: its {n} is {'missing' if n not in params else tuple(params[n].shape)}, "
+                                f"the model's is {tuple(mine[n].shape)} (give the checkpoint this model was finetuned from)")
+        return {g.name: gather(g, params) for g in self.groups}
+
+
+# ---------------------------------------------------------------- on disk: rank again without a model pass
+
+
+def save_quantities(out_dir: str | Path, table: pd.DataFrame, quantities: Mapping, settings: Mapping, info: Mapping) -> Path:
+    """Write the gradient and sketch quantities of a ranking as `sketches.safetensors` + `manifest.json`
+    (atomically, `soir.sketch.save_sketches`).
+
+    Tensors are named `KIND/GROUP` (KIND one of GROUP_TENSORS) and `curvature/c_f`, `curvature/c_r`
+    (float64, one entry per group in manifest order). The manifest records the settings that
+    produced them, n_f, n_r, and the groups (name, layer, kind, role, uncompressed size D_S, tied).
+    """
+    groups = list(table["group"])
+    tensors: dict[str, Tensor] = {}
+    for kind, value in quantities.items():
+        if kind in GROUP_TENSORS:
+            for name in groups:
+                tensors[f"{kind}/{name}"] = value[name].detach().cpu().clone()
+        elif kind in GROUP_SCALARS:
+            tensors[f"curvature/{kind}"] = torch.as_tensor(np.asarray([value[name] for name in groups], dtype=np.float64))
+    rows = table[list(GROUP_COLUMNS)]
+    manifest = {
+        "format": SKETCHES_FORMAT, "version": FORMAT_VERSION,
+        "settings": dict(settings),
+        **{key: settings[key] for key in ("score", "granularity", "norms", "sketch", "dim", "seed", "curvature")},
+        "n_f": info.get("n_forget"), "n_r": info.get("n_retain"),
+        "quantities": sorted(k for k in quantities if k in SAVED),
+        "groups": [{"name": r.group, "layer": None if pd.isna(r.layer) else int(r.layer), "kind": r.kind, "role": r.role,
+                    "D_S": int(r.n_params), "tied": bool(r.tied)} for r in rows.itertuples(index=False)],
+        "ranking_info": {k: info[k] for k in ("n_forget", "n_retain", "dtype", "device", "architecture", "seeds", "inputs") if k in info},
+        "versions": versions(),
+    }
+    save_sketches(out_dir, tensors, manifest)
+    return Path(out_dir)
+
+
+def sketches_path(path: str | Path) -> Path:
+    """The directory holding saved quantities: `path` itself, or `path/sketches` (a `soir rank` output)."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file() and (path / SKETCHES_DIR / MANIFEST_FILE).is_file():
+        return path / SKETCHES_DIR
+    return path
+
+
+def load_quantities(path: str | Path) -> tuple[pd.DataFrame, dict, dict]:
+    """(group table, quantities, manifest) from what `save_quantities` wrote (or a rank output holding it)."""
+    path = sketches_path(path)
+    try:
+        tensors, manifest = load_sketches(path)
+    except UserError:
+        raise UserError(f"no saved sketches at {path}: write them with `soir rank ... --save-sketches`") from None
+    except Exception as exc:
+        raise UserError(f"cannot read the sketches at {path}: {type(exc).__name__}: {exc}") from None
+    if manifest.get("format") != SKETCHES_FORMAT:
+        raise UserError(f"{path} holds no `soir rank --save-sketches` output (its manifest is not {SKETCHES_FORMAT!r})")
+    groups = [SimpleNamespace(name=g["name"], layer=g["layer"], kind=g["kind"], role=g["role"], n_params=g["D_S"], tied=g["tied"])
+              for g in manifest["groups"]]
+    quantities: dict = {}
+    try:
+        for kind in manifest["quantities"]:
+            if kind in GROUP_TENSORS:
+                quantities[kind] = {g.name: tensors[f"{kind}/{g.name}"] for g in groups}
+            elif kind in GROUP_SCALARS:
+                values = tensors[f"curvature/{kind}"].tolist()
+                quantities[kind] = {g.name: float(v) for g, v in zip(groups, values)}
+    except KeyError as exc:
+        raise UserError(f"the sketches at {path} are incomplete (no {exc.args[0]}): write them again with `soir rank ... --save-sketches`") from None
+    return group_table(groups), quantities, manifest

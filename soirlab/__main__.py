@@ -1,0 +1,5 @@
+import sys
+
+from soirlab.cli import main
+
+sys.exit(main())
