@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -212,3 +212,141 @@ def attack_relearn(args) -> int:
           f"measured on {result['split']['held_out_rows']} held-back rows; written: {out / 'relearn.json'}")
     return 0
 
+
+
+# ---------------------------------------------------------------- soir shift
+
+
+def shift_arguments(p) -> None:
+    from analysis.shift import ShiftSettings
+
+    p.add_argument("--base", required=True, metavar="DIR", help="the model before finetuning (a save_pretrained directory)")
+    p.add_argument("--finetuned", required=True, metavar="DIR", help="the finetuned model (same architecture)")
+    add_settings(p, ShiftSettings, ("top_singular",))
+    add_progress(p)
+    add_common(p, "directory for shift.parquet, shift.json and shift.png")
+
+
+def shift(args) -> int:
+    """Parameter shift from --base to --finetuned, streamed tensor by tensor from safetensors (sharded
+    checkpoints too): per tensor the L2 norm of θ_ft − θ_base, its relative L2 (over ‖θ_base‖), the
+    cosine between the two tensors, max |Δ| and, for matrices, the top singular values and stable rank
+    of Δ; rolled up by layer, kind and role. Writes shift.parquet (a `level` column: tensor, layer,
+    kind, role, layer_role), shift.json and shift.png (layers × roles heatmap of the relative shift)."""
+    import time
+
+    from analysis.shift import ShiftSettings, parameter_shift, write_shift
+    from soir.runtime import versions
+
+    out = check_out_dir(args.out, "shift.json")
+    settings = from_args(ShiftSettings, args, ("top_singular",), seed=args.seed, progress=not args.no_progress)
+    start = time.perf_counter()
+    table = parameter_shift(args.base, args.finetuned, settings)
+    seconds = time.perf_counter() - start
+    write_shift(out, table, {"base": args.base, "finetuned": args.finetuned, "settings": asdict(settings), "seconds": seconds, "versions": versions()})
+    tensors = table[table["level"] == "tensor"]
+    top = table[table["level"] == "layer_role"].nlargest(3, "relative_l2")
+    print(f"{len(tensors)} tensors compared in {seconds:.1f} s; largest relative shifts (layer:role): "
+          + ", ".join(f"{r.name} {r.relative_l2:.3g}" for r in top.itertuples()))
+    print(f"wrote {out / 'shift.parquet'}, {out / 'shift.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------- soir curves
+
+
+CURVE_FLAGS = ("by", "norms", "include", "exclude", "generate", "max_new_tokens", "target")
+
+
+def curves_arguments(p) -> None:
+    from analysis.curves import CurveSettings
+    from unlearn.commands import WEIGHT_FLAGS, add_objective
+    from unlearn.loop import TrainSettings
+    from unlearn.objectives import ObjectiveSettings
+
+    add_model(p)
+    p.add_argument("--forget", required=True, metavar="FILE", help="the split to forget")
+    p.add_argument("--retain", required=True, metavar="FILE", help="the split to keep")
+    p.add_argument("--oracle", metavar="DIR", help="a retain-only model: its point on the Pareto plot, and closest_step in the summary")
+    add_settings(p, CurveSettings, CURVE_FLAGS)
+    add_objective(p)
+    add_settings(p, ObjectiveSettings, WEIGHT_FLAGS, group="objective weights")
+    add_settings(p, TrainSettings, ("steps", "eval_every", "batch_size", "lr", "optimizer", "weight_decay", "warmup", "schedule", "max_grad_norm"),
+                 group="unlearning of each group", defaults={"steps": 30, "eval_every": 5, "lr": 1e-5, "warmup": 0})
+    p.add_argument("--overwrite", action="store_true", help="start again in a --out that holds curves of other settings")
+    add_progress(p)
+    add_data(p)
+    add_common(p, "directory for curves.parquet, summary.parquet, curves.png, pareto.png (and groups/, to continue an interrupted run)")
+
+
+def curves(args) -> int:
+    """Unlearn each group (--by layer, kind, module or tensor) alone for --steps steps, measuring forget
+    and retain every --eval-every steps, on one model load (each group's tensors are restored after its
+    run). Writes curves.parquet (group, step, forget/retain teacher-forced accuracy and loss; with
+    --generate ROUGE-L recall and QA exact match), curves.png, pareto.png (retain against forget, the
+    oracle as a star with --oracle) and summary.parquet (per group: retain when forget first reaches
+    --target, area under the retain curve, the step closest to the oracle). An interrupted run continues
+    with the groups not yet done when run again with the same flags."""
+    import shutil
+
+    from analysis.curves import SETTINGS_FILE, CurveSettings, layer_curves, write_curves
+    from unlearn.commands import WEIGHT_FLAGS
+    from unlearn.loop import TrainSettings
+    from unlearn.objectives import ObjectiveSettings
+
+    out = check_out_dir(args.out, SETTINGS_FILE, overwrite=args.overwrite)
+    data = data_settings(args)
+    train = from_args(TrainSettings, args, ("steps", "eval_every", "batch_size", "lr", "optimizer", "weight_decay", "warmup", "schedule", "max_grad_norm"),
+                      seed=args.seed, progress=False)
+    settings = from_args(CurveSettings, args, CURVE_FLAGS, objective=args.objective, weights=from_args(ObjectiveSettings, args, WEIGHT_FLAGS),
+                         train=train, data=data)
+    spec = model_settings(args, dtype="float32")
+    forget, retain = data.read(args.forget), data.read(args.retain)
+    tokenizer = spec.load_tokenizer()
+    oracle = replace(spec, model=args.oracle).load(tokenizer) if args.oracle else None
+    model = spec.load(tokenizer, seed=args.seed)
+    if args.overwrite:
+        shutil.rmtree(out, ignore_errors=True)
+    result = layer_curves(model, tokenizer, forget, retain, settings, out=out, oracle=oracle, progress=not args.no_progress)
+    write_curves(out, result)
+    summary = result.summary[["group", "retain_at_target", "step_at_target", "retain_auc", "final_forget", "final_retain"]]
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    print(f"\nwrote {out / 'curves.parquet'}, {out / 'summary.parquet'}, {out / 'curves.png'}, {out / 'pareto.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------- soir compare
+
+
+def compare_arguments(p) -> None:
+    p.add_argument("rankings", nargs="+", metavar="RANKING", help="two or more `soir rank` outputs (directories or ranking.parquet)")
+    p.add_argument("--names", nargs="+", metavar="NAME", help="a name per ranking (default: their directory names)")
+    p.add_argument("--pair", nargs=2, metavar=("A", "B"), help="the two rankings of the rank-vs-rank scatter (default: the first two)")
+    add_common(p, "directory for compare.parquet, ranks.parquet, compare.png, compare_top10_params.png and scatter.png")
+
+
+def compare(args) -> int:
+    """Agreement between every pair of rankings over the same groups: Spearman ρ, Kendall τ and top-k
+    overlap at 5%, 10% and 25% of the groups and of the parameters. Writes compare.parquet (one row per
+    pair), ranks.parquet (each group's rank under each ranking), compare.png (Spearman heatmap),
+    compare_top10_params.png and scatter.png (rank against rank for --pair)."""
+    from analysis.compare import (
+        check_pair,
+        compare_rankings,
+        rank_table,
+        ranking_names,
+        write_comparison,
+    )
+    from soir.ranking import load as load_ranking
+
+    out = check_out_dir(args.out, "compare.parquet")
+    names = args.names or ranking_names(args.rankings)
+    if len(names) != len(args.rankings) or len(set(names)) != len(names):
+        raise UserError(f"--names needs {len(args.rankings)} distinct names, one per ranking; got {len(names)}")
+    rankings = {name: load_ranking(path) for name, path in zip(names, args.rankings)}
+    pair = check_pair(args.pair, names)
+    pairs = compare_rankings(rankings)
+    written = write_comparison(out, pairs, rank_table(rankings), pair)
+    print(pairs.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

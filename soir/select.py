@@ -72,11 +72,17 @@ def _take(candidates: list[Group], settings: SelectSettings, at_least_one: bool 
             n = math.floor(settings.top * len(candidates) + 0.5)
         return pool[:n]
     budget = settings.top if count else settings.top * sum(g.n_params for g in candidates)
+    return [pool[i] for i in fill_budget([g.n_params for g in pool], budget)]
+
+
+def fill_budget(sizes: list[int], budget: float) -> list[int]:
+    """Indices of the items taken in order while they fit a budget; an item that would overflow it
+    is passed over for the next ones that fit (`--by params`)."""
     taken, used = [], 0
-    for g in pool:
-        if used + g.n_params <= budget + 1e-9:
-            taken.append(g)
-            used += g.n_params
+    for i, size in enumerate(sizes):
+        if used + size <= budget + 1e-9:
+            taken.append(i)
+            used += size
     return taken
 
 
@@ -111,10 +117,6 @@ def select(ranking: Ranking, model, settings: SelectSettings = SelectSettings())
             f"the selection matches no parameter group ({what} after --offset {settings.offset} of {len(candidates)} candidates): "
             "raise --top, lower --offset or loosen --include/--exclude"
         )
-    whole = [g for g in selected if all(s.dim is None for s in g.slices)]
-    sliced = [g for g in selected if not all(s.dim is None for s in g.slices)]
-    tensors = [s.name for g in whole for s in g.slices]
-    elements = element_mask(sliced, model) if sliced else {}
     record = {
         **asdict(settings),
         "ranking": {"score": ranking.settings.score, "granularity": ranking.settings.granularity, "norms": ranking.settings.norms},
@@ -122,4 +124,14 @@ def select(ranking: Ranking, model, settings: SelectSettings = SelectSettings())
         "n_groups": len(selected),
         "n_candidates": len(candidates),
     }
-    return Mask.from_selection(model, tensors, elements, record)
+    return mask_of_groups(model, selected, record)
+
+
+def mask_of_groups(model, groups: list[Group], settings: dict | None = None) -> Mask:
+    """The mask selecting exactly `groups` of `model`: whole groups as whole tensors, sliced
+    (neuron) groups as element masks."""
+    whole = [g for g in groups if all(s.dim is None for s in g.slices)]
+    sliced = [g for g in groups if not all(s.dim is None for s in g.slices)]
+    tensors = [s.name for g in whole for s in g.slices]
+    elements = element_mask(sliced, model) if sliced else {}
+    return Mask.from_selection(model, tensors, elements, settings)

@@ -49,6 +49,9 @@ COMMANDS = (
     Command("unlearn", "masked unlearning: only the selected parameters change", "unlearn.commands:unlearn_arguments", "unlearn.commands:unlearn"),
     Command("evaluate", "SemEval-2025 Task 4, MIA, MMLU and TOFU-style metrics of a model", "analysis.commands:evaluate_arguments", "analysis.commands:evaluate"),
     Command("attack", "robustness probes of an unlearned model (relearning, …)", registry="analysis.attacks:ATTACKS"),
+    Command("shift", "parameter shift from a base to a finetuned checkpoint, per tensor, layer, kind and role", "analysis.commands:shift_arguments", "analysis.commands:shift"),
+    Command("curves", "unlearn each layer (or group) alone: forget/retain curves, Pareto plot, robustness summary", "analysis.commands:curves_arguments", "analysis.commands:curves"),
+    Command("compare", "agreement between rankings: Spearman, Kendall, top-k overlap", "analysis.commands:compare_arguments", "analysis.commands:compare"),
 )
 
 

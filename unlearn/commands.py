@@ -69,15 +69,20 @@ def finetune(args) -> int:
 # ---------------------------------------------------------------- soir unlearn
 
 
-def unlearn_arguments(p) -> None:
+def add_objective(parser) -> None:
+    """--objective: the registered objectives that unlearn (those with a forget stream)."""
     from unlearn.objectives import OBJECTIVES
 
+    unlearning = [name for name, objective in OBJECTIVES.items() if "forget" in objective.streams]
+    parser.add_argument("--objective", default="graddiff", choices=unlearning, metavar="NAME",
+                        help=f"the unlearning objective (default: graddiff): {describe_choices(OBJECTIVES, unlearning)}")
+
+
+def unlearn_arguments(p) -> None:
     add_model(p)
     p.add_argument("--forget", nargs="+", required=True, metavar="FILE", help="the split to forget (parquet, jsonl or csv)")
     p.add_argument("--retain", nargs="+", required=True, metavar="FILE", help="the split to keep")
-    unlearning = [name for name, objective in OBJECTIVES.items() if "forget" in objective.streams]
-    p.add_argument("--objective", default="graddiff", choices=unlearning, metavar="NAME",
-                   help=f"the unlearning objective (default: graddiff): {describe_choices(OBJECTIVES, unlearning)}")
+    add_objective(p)
     g = p.add_argument_group("which parameters may change", "One source (default: all): --mask; or --ranking with --top and the "
                              "other selection flags; or --include/--exclude alone, regexes over parameter names, selected whole.")
     g.add_argument("--mask", metavar="DIR|FILE", help="a mask from `soir select` (its directory or mask.safetensors)")

@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -97,11 +97,15 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
+    """What a run did; `evals` holds its evaluation rows, `train` the settings it ran with (steps resolved)."""
+
     steps_done: int
     final_loss: float
     seconds: float
     tokens: int
     resumed_from: int | None
+    evals: list[dict] = field(default_factory=list)
+    train: dict | None = None
 
 
 class NonFiniteLoss(UserError):
@@ -262,7 +266,8 @@ class Trainer:
                         metrics = dict(self.eval_callback(self.model, self.step))
                     self.model.train()
                     row.update({f"eval/{k}": v for k, v in metrics.items()})
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                    if s.progress:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 self._log(log, row)
                 bar.set_postfix(loss=f"{total:.4f}", refresh=False)
                 bar.update(1)

@@ -24,13 +24,16 @@ and the result). Everything the user supplies is checked before anything is writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
+import pandas as pd
 import torch
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
@@ -45,7 +48,7 @@ from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
 from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
 from unlearn.masking import MaskedParameters
-from unlearn.objectives import ObjectiveSettings, get_objective
+from unlearn.objectives import OBJECTIVES, ObjectiveSettings, get_objective
 from unlearn.reference import make_reference
 
 EVAL_FILE = "eval.jsonl"
@@ -72,6 +75,13 @@ class UnlearnSettings:
     train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-5))
     resume: bool = False
     overwrite: bool = False
+
+
+@dataclass
+class UnlearnResult(TrainResult):
+    """A training run's summary, plus which reference model the objective compared with."""
+
+    reference: str | None = None
 
 
 # ---------------------------------------------------------------- the mask
@@ -173,20 +183,99 @@ def _keep_eval_rows(path: Path, upto: int) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None) -> TrainResult:
-    """Unlearn, write the model and every artifact into `settings.out`, return the run's summary.
+def unlearn_model(
+    model,
+    tokenizer,
+    forget: pd.DataFrame,
+    retain: pd.DataFrame,
+    mask: Mask | None = None,
+    *,
+    objective: str = "graddiff",
+    weights: ObjectiveSettings = ObjectiveSettings(),
+    train: TrainSettings = TrainSettings(lr=1e-5),
+    data: DataSettings = DataSettings(),
+    out: str | Path | None = None,
+    resume: bool = False,
+    eval_callback: EvalCallback | None = None,
+) -> "UnlearnResult":
+    """Unlearn `forget` while keeping `retain`, changing only what `mask` selects (None: everything),
+    on the model as it is in memory (changed in place; its requires_grad flags are restored after).
 
-    `eval_callback(model, step) -> {name: value}` runs every `train.eval_every` steps and once
-    before the first step; None means teacher-forced answer accuracy (and loss) on forget and
-    retain. Nothing is written when a setting, file, model or mask is wrong.
+    `out` receives the mask, `log.jsonl`, `eval.jsonl` and checkpoints (`train.save_every`;
+    `resume` continues from the latest); None runs in a temporary directory and keeps nothing
+    on disk. `eval_callback(model, step) -> {name: value}` runs before the first step and every
+    `train.eval_every` steps (None: teacher-forced answer accuracy and loss on forget and retain);
+    its rows are also in the result's `evals`.
+    """
+    unlearning = get_objective(objective, weights)
+    if "forget" not in unlearning.streams:
+        raise UserError(f"objective {objective} does not unlearn (it has no forget term): use one of "
+                        f"{', '.join(n for n, o in OBJECTIVES.items() if 'forget' in o.streams)}")
+    mask = Mask.full(model, {"source": "all"}) if mask is None else mask
+    mask.check_fits(model)
+    pad = pad_id(tokenizer)
+    encoded = {"forget": data.encode(forget, tokenizer), "retain": data.encode(retain, tokenizer)}
+    streams = {
+        "forget": BatchStream(encoded["forget"], train.batch_size, pad, seed=train.seed),
+        "retain": BatchStream(encoded["retain"], train.batch_size, pad, seed=train.seed + 1),
+    }
+    train = train.resolve_steps(streams["forget"].batches_per_epoch)
+    device = device_of(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            out = stack.enter_context(tempfile.TemporaryDirectory(prefix="soir-unlearn-"))
+            train = replace(train, save_every=0)
+        out = Path(out)
+        stack.callback(_restore_flags, model, flags)
+        # masked parameters and the reference, from the model as it was before unlearning
+        masked = MaskedParameters(model, mask)
+        reference = make_reference(model, mask) if unlearning.needs_reference else None
+        out.mkdir(parents=True, exist_ok=True)
+        mask.save(out)
+        callback = None
+        if train.eval_every:
+            callback = _EvalRows(eval_callback or accuracy_callback(encoded, pad), out / EVAL_FILE)
+            last = Trainer.latest_checkpoint(out) if resume else None
+            if last is not None:
+                _keep_eval_rows(callback.path, json.loads((last / "state.json").read_text())["step"])
+            else:
+                callback.path.write_text("")
+                with torch.no_grad():
+                    callback(model.eval(), 0)
+        trainer = Trainer(
+            model, unlearning, {name: _on_device(st, device) for name, st in streams.items() if name in unlearning.streams}, train, out,
+            parameters=dict(masked.named_parameters()), eval_callback=callback, reference=reference,
+            before_clip=masked.mask_gradients if masked.has_elements else None,
+        )
+        if masked.has_elements:
+            trainer.after_step = lambda: masked.restore(trainer.optimizer)
+        done = trainer.train(resume=resume)
+        evals = [json.loads(line) for line in callback.path.read_text().splitlines()] if callback is not None else []
+    return UnlearnResult(**{**asdict(done), "evals": evals, "train": asdict(train)},
+                         reference=type(reference).__name__ if reference is not None else None)
+
+
+def _on_device(stream: BatchStream, device) -> Callable[[int], dict]:
+    return lambda index: to_device(stream(index), device)
+
+
+def _restore_flags(model, flags: Mapping[str, bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags[name])
+
+
+def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None) -> "UnlearnResult":
+    """Load the model and splits of `settings`, unlearn (`unlearn_model`), and write the model and
+    every artifact into `settings.out`; return the run's summary.
+
+    Nothing is written when a setting, file, model or mask is wrong.
     """
     s = settings
     out = Path(s.out)
     # ---- check everything the user gave, before writing anything
     _check_sources(s)
-    objective = get_objective(s.objective, s.weights)
-    if "forget" not in objective.streams:
-        raise UserError(f"objective {s.objective} does not unlearn (it has no forget term): use ga, graddiff, kl, npo, simnpo or combo")
+    get_objective(s.objective, s.weights)
     tokenizer = s.model.load_tokenizer()
     frames = {"forget": s.input.read(s.forget), "retain": s.input.read(s.retain)}
     model = s.model.load(tokenizer, seed=s.train.seed)
@@ -195,54 +284,16 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
     if s.resume and (out / TENSORS_FILE).is_file():
         if not same_mask(load_mask(out), mask):
             raise UserError(f"--resume in {out} needs the mask that run used (its {TENSORS_FILE}); give the same --mask/--ranking/--include flags")
-
-    pad = pad_id(tokenizer)
-    encoded = {name: s.input.encode(frame, tokenizer) for name, frame in frames.items()}
-    streams_cpu = {
-        "forget": BatchStream(encoded["forget"], s.train.batch_size, pad, seed=s.train.seed),
-        "retain": BatchStream(encoded["retain"], s.train.batch_size, pad, seed=s.train.seed + 1),
-    }
-    train = s.train.resolve_steps(streams_cpu["forget"].batches_per_epoch)
-    device = device_of(model)
-
-    def on_device(stream: BatchStream) -> Callable[[int], dict]:
-        return lambda index: to_device(stream(index), device)
-
-    # ---- masked parameters and the reference, from the model as it was before unlearning
-    masked = MaskedParameters(model, mask)
-    reference = make_reference(model, mask) if objective.needs_reference else None
-
-    # ---- write
-    out.mkdir(parents=True, exist_ok=True)
     if s.overwrite and not s.resume:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    mask.save(out)
-    eval_path = out / EVAL_FILE
-    callback = None
-    if train.eval_every:
-        callback = _EvalRows(eval_callback or accuracy_callback(encoded, pad), eval_path)
-        last = Trainer.latest_checkpoint(out) if s.resume else None
-        if last is not None:
-            _keep_eval_rows(eval_path, json.loads((last / "state.json").read_text())["step"])
-        else:
-            eval_path.write_text("")
-            with torch.no_grad():
-                callback(model.eval(), 0)
-    trainer = Trainer(
-        model, objective, {name: on_device(st) for name, st in streams_cpu.items() if name in objective.streams}, train, out,
-        parameters=dict(masked.named_parameters()), eval_callback=callback, reference=reference,
-        before_clip=masked.mask_gradients if masked.has_elements else None,
-    )
-    if masked.has_elements:
-        trainer.after_step = lambda: masked.restore(trainer.optimizer)
-    result = trainer.train(resume=s.resume)
+    result = unlearn_model(model, tokenizer, frames["forget"], frames["retain"], mask, objective=s.objective, weights=s.weights,
+                           train=s.train, data=s.input, out=out, resume=s.resume, eval_callback=eval_callback)
     write_model(model, tokenizer, out)
     summary = {k: v for k, v in mask.summary().items() if k in ("n_selected", "n_total", "fraction", "settings")}
     write_json(out / SETTINGS_FILE, {
-        "settings": asdict(s) | {"train": asdict(train)},
+        "settings": asdict(s) | {"train": result.train},
         "mask": summary,
-        "reference": type(reference).__name__ if reference is not None else None,
-        "result": asdict(result),
+        "reference": result.reference,
+        "result": {k: v for k, v in asdict(result).items() if k not in ("evals", "train", "reference")},
     })
     return result
-
