@@ -82,26 +82,44 @@ def singular_values(delta: torch.Tensor, k: int, exact_below: int, seed: int) ->
     return torch.svd_lowrank(delta, q=min(k + 10, *delta.shape), niter=6)[1][:k].numpy()
 
 
+CHUNK = 1 << 22  # elements per float64 accumulation step: norms without a float64 copy of a large tensor
+
+
+def _sums(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float, float, float, float]:
+    """(Σ Δ², Σ θ_base², Σ θ_ft², Σ θ_ft θ_base, max |Δ|), accumulated in float64 chunk by chunk."""
+    b, f = base.reshape(-1), finetuned.reshape(-1)
+    totals = torch.zeros(4, dtype=torch.float64)
+    largest = 0.0
+    for start in range(0, b.numel(), CHUNK):
+        cb, cf = b[start:start + CHUNK].double(), f[start:start + CHUNK].double()
+        d = cf - cb
+        totals += torch.stack([d.square().sum(), cb.square().sum(), cf.square().sum(), (cf * cb).sum()])
+        largest = max(largest, float(d.abs().max()))
+    return (*totals.tolist(), largest)
+
+
 def tensor_shift(base: torch.Tensor, finetuned: torch.Tensor, settings: ShiftSettings = ShiftSettings()) -> dict:
-    """The per-tensor statistics (see the module docstring) in float64 (SVDs in float32 for large matrices)."""
-    b, f = base.double(), finetuned.double()
-    delta = f - b
-    l2, base_l2, ft_l2 = float(delta.norm()), float(b.norm()), float(f.norm())
+    """The per-tensor statistics (see the module docstring): norms accumulated in float64; the SVD of Δ
+    in float64 for float64 weights, else float32."""
+    d_sq, b_sq, f_sq, fb, max_abs = _sums(base, finetuned) if base.numel() else (0.0, 0.0, 0.0, 0.0, 0.0)
+    l2, base_l2, ft_l2 = math.sqrt(d_sq), math.sqrt(b_sq), math.sqrt(f_sq)
     row = {
-        "n_params": delta.numel(),
+        "n_params": base.numel(),
         "l2": l2,
         "base_l2": base_l2,
         "relative_l2": l2 / base_l2 if base_l2 > 0 else math.inf if l2 > 0 else 0.0,
-        "cosine": float((f * b).sum()) / (ft_l2 * base_l2) if ft_l2 > 0 and base_l2 > 0 else math.nan,
-        "max_abs": float(delta.abs().max()) if delta.numel() else 0.0,
+        "cosine": fb / (ft_l2 * base_l2) if ft_l2 > 0 and base_l2 > 0 else math.nan,
+        "max_abs": max_abs,
         "stable_rank": math.nan,
         "singular_values": None,
     }
-    if delta.dim() == 2 and l2 > 0:
-        work = delta if min(delta.shape) <= settings.exact_svd_below else delta.float()
-        sv = singular_values(work, settings.top_singular, settings.exact_svd_below, settings.seed)
+    if base.dim() == 2 and l2 > 0:
+        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        delta = finetuned.to(work) - base.to(work)
+        sv = singular_values(delta, settings.top_singular, settings.exact_svd_below, settings.seed)
+        del delta
         row["singular_values"] = [float(x) for x in sv]
-        row["stable_rank"] = l2 ** 2 / float(sv[0]) ** 2 if sv[0] > 0 else math.nan
+        row["stable_rank"] = d_sq / float(sv[0]) ** 2 if sv[0] > 0 else math.nan
     return row
 
 

@@ -112,6 +112,33 @@ def test_resume_after_interruption_is_bit_identical(setup):
     assert (setup / "killed" / "eval.jsonl").read_text() == (setup / "straight" / "eval.jsonl").read_text()
 
 
+def test_resume_over_a_truncated_checkpoint_falls_back_or_fails_in_one_line(setup, capsys, recwarn):
+    """A checkpoint cut short (a killed write, a copy cut in half) is passed over with a warning; the
+    run continues from the one before and ends bit-identical to an uninterrupted run."""
+    common = ["--model", str(setup / "olmo"), "--forget", str(setup / "forget.parquet"), "--retain", str(setup / "retain.parquet"),
+              "--include", r"layers\.0\.mlp", "--lr", "1e-2", "--batch-size", "2", "--save-every", "2", "--no-progress"]
+    assert main(["unlearn", *common, "--steps", "6", "--out", str(setup / "straight")]) == 0
+    assert main(["unlearn", *common, "--steps", "6", "--out", str(setup / "cut")]) == 0
+    checkpoints = sorted((setup / "cut" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-00000002", "step-00000004"]
+    weights = checkpoints[-1] / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (setup / "cut" / "model.safetensors").unlink()
+    assert main(["unlearn", *common, "--steps", "6", "--resume", "--out", str(setup / "cut")]) == 0
+    assert any("step-00000004" in str(w.message) and "damaged" in str(w.message) and "step-00000002" in str(w.message) for w in recwarn)
+    log = [json.loads(line)["step"] for line in (setup / "cut" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(setup / "cut" / "model.safetensors"), load_file(setup / "straight" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # nothing good left: one line, exit 2
+    for path in (setup / "cut" / "checkpoints").iterdir():
+        (path / "optimizer.safetensors").write_bytes(b"cut")
+    capsys.readouterr()
+    assert main(["unlearn", *common, "--steps", "6", "--resume", "--out", str(setup / "cut")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "every checkpoint" in err[0] and "damaged" in err[0], err
+
+
 def test_regex_and_full_masks(setup):
     from soir.models import load_model
 

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -112,11 +113,34 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory (a missing, truncated or unreadable file), or None."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"]), dict(state["settings"])
+    except FileNotFoundError:
+        return "no state.json"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"state.json unreadable: {type(exc).__name__}"
+    for name in ("weights.safetensors", "optimizer.safetensors"):
+        try:
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        except FileNotFoundError:
+            return f"no {name}"
+        except Exception as exc:  # safetensors checks that the header covers the whole file
+            return f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
+
+
 class Trainer:
     """Runs an objective over named batch streams, training only `parameters`.
 
-    `hooks` lets masked training act between backward and clipping (`before_clip`) and after
-    the optimiser step (`after_step`); `reference` is handed to the objective.
+    `before_clip` and `after_step` let masked training act between backward and clipping and
+    after the optimiser step; `on_start(step)` runs once before training, with the step resumed
+    from (None for a fresh start); `reference` is handed to the objective.
     """
 
     def __init__(
@@ -131,7 +155,7 @@ class Trainer:
         reference=None,
         before_clip: Callable[[], None] | None = None,
         after_step: Callable[[], None] | None = None,
-        extra_state: Callable[[], dict[str, torch.Tensor]] | None = None,
+        on_start: Callable[[int | None], None] | None = None,
     ):
         missing = [s for s in objective.streams if s not in streams]
         if missing:
@@ -142,7 +166,7 @@ class Trainer:
         self.names = {id(p): n for n, p in self.params.items()}
         self.optimizer = make_optimizer(settings.optimizer, self.params.values(), settings)
         self.eval_callback, self.reference = eval_callback, reference
-        self.before_clip, self.after_step = before_clip, after_step
+        self.before_clip, self.after_step, self.on_start = before_clip, after_step, on_start
         self.step = 0
 
     # ------------------------------------------------------------ checkpoints
@@ -173,8 +197,22 @@ class Trainer:
 
     @staticmethod
     def latest_checkpoint(out: str | Path) -> Path | None:
-        found = sorted(Path(out, CHECKPOINTS).glob("step-*"))
-        return found[-1] if found else None
+        """The newest checkpoint in `out` that is whole; damaged ones (a killed write, a copy cut short)
+        are passed over with a warning. None when there is none; a UserError when all are damaged."""
+        found = sorted(Path(out, CHECKPOINTS).glob("step-*"), reverse=True)
+        damaged = []
+        for path in found:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if damaged:
+                    warnings.warn(f"checkpoint {damaged[0][0].name} in {Path(out) / CHECKPOINTS} is damaged ({damaged[0][1]}); "
+                                  f"resuming from {path.name} instead")
+                return path
+            damaged.append((path, problem))
+        if damaged:
+            raise UserError(f"every checkpoint in {Path(out) / CHECKPOINTS} is damaged (newest: {damaged[0][0].name}, {damaged[0][1]}): "
+                            "run again without --resume (with --overwrite)")
+        return None
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore trained tensors, optimiser state, RNG state and step from `path`."""
@@ -225,6 +263,8 @@ class Trainer:
         else:
             torch.manual_seed(s.seed)
             log_path.write_text("")
+        if self.on_start is not None:
+            self.on_start(resumed_from)
         self.model.train()
         start, tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress, desc="train", unit="step", dynamic_ncols=True)

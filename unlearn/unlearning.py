@@ -233,20 +233,22 @@ def unlearn_model(
         reference = make_reference(model, mask) if unlearning.needs_reference else None
         out.mkdir(parents=True, exist_ok=True)
         mask.save(out)
-        callback = None
-        if train.eval_every:
-            callback = _EvalRows(eval_callback or accuracy_callback(encoded, pad), out / EVAL_FILE)
-            last = Trainer.latest_checkpoint(out) if resume else None
-            if last is not None:
-                _keep_eval_rows(callback.path, json.loads((last / "state.json").read_text())["step"])
+        callback = _EvalRows(eval_callback or accuracy_callback(encoded, pad), out / EVAL_FILE) if train.eval_every else None
+
+        def on_start(resumed_from: int | None) -> None:
+            if callback is None:
+                return
+            if resumed_from is not None:
+                _keep_eval_rows(callback.path, resumed_from)
             else:
                 callback.path.write_text("")
                 with torch.no_grad():
                     callback(model.eval(), 0)
+
         trainer = Trainer(
             model, unlearning, {name: _on_device(st, device) for name, st in streams.items() if name in unlearning.streams}, train, out,
             parameters=dict(masked.named_parameters()), eval_callback=callback, reference=reference,
-            before_clip=masked.mask_gradients if masked.has_elements else None,
+            before_clip=masked.mask_gradients if masked.has_elements else None, on_start=on_start,
         )
         if masked.has_elements:
             trainer.after_step = lambda: masked.restore(trainer.optimizer)
