@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from analysis.commands import attack_relearn, relearn_arguments
+from analysis.commands import (
+    attack_quantize,
+    attack_relearn,
+    quantize_arguments,
+    relearn_arguments,
+)
 from soir.registry import Registry
 
 
@@ -24,3 +29,5 @@ class Attack:
 ATTACKS: Registry[Attack] = Registry("attack")
 ATTACKS.register("relearn", Attack(relearn_arguments, attack_relearn),
                  help="finetune on part of the forget set, measure what comes back on the rest")
+ATTACKS.register("quantize", Attack(quantize_arguments, attack_quantize),
+                 help="round the weights to 8 or 4 bits, measure whether forgetting survives")

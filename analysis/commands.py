@@ -1,4 +1,4 @@
-"""The `analysis` package's subcommands: `evaluate` and the attacks (`soir attack relearn`); flags and handlers.
+"""The `analysis` package's subcommands: `evaluate` and the attacks (`soir attack relearn`, `soir attack quantize`); flags and handlers.
 
 Everything a user supplies (files, columns, MMLU answers, flag combinations) is read and
 checked before a model is loaded, and the outputs are written only at the end, each file
@@ -29,6 +29,7 @@ from soir.io import check_out_dir
 from soir.settings import add_settings, from_args
 
 RELEARN_FLAGS = ("fraction", "steps", "lr", "batch_size", "max_new_tokens")
+QUANTIZE_FLAGS = ("bits", "keep_embeddings", "generate", "max_new_tokens", "batch_size")
 
 SUMMARY = (
     ("forget regurgitation", "forget/regurgitation"),
@@ -71,7 +72,8 @@ def summary_lines(metrics: dict) -> list[str]:
 
 
 def evaluate_arguments(p) -> None:
-    from analysis.metrics import MIA_ATTACKS
+    from analysis.metrics import MIA_ATTACKS, MIA_SCOPES
+    from analysis.mmlu import MMLUSettings
 
     add_model(p)
     p.add_argument("--forget", required=True, metavar="FILE", help="the forget split (parquet, jsonl or csv)")
@@ -79,13 +81,17 @@ def evaluate_arguments(p) -> None:
     p.add_argument("--holdout", metavar="FILE", help="non-members for membership inference; MIA runs when it is given")
     p.add_argument("--mia", action=argparse.BooleanOptionalAction, default=None, help="membership inference (default: on when --holdout is given; --mia without --holdout is an error)")
     p.add_argument("--mia-attack", metavar="NAME", help=f"the attack whose score enters the final score: {', '.join(MIA_ATTACKS)} (default: loss; all are reported)")
+    p.add_argument("--mia-scope", choices=MIA_SCOPES, help="tokens membership inference scores: answer (the answer and EOS after the prompt) or document (every token of prompt + answer, as SemEval computes MIA) (default: answer)")
     p.add_argument("--min-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default: 0.4)")
     p.add_argument("--mmlu", metavar="FILE", help="a local MMLU-layout file (question, choices, answer index; or A-D columns), e.g. the testbed's general_mc.parquet")
-    p.add_argument("--mmlu-prompt", default="{question}\nAnswer:", metavar="TEXT", help="MMLU prompt with {question}; each option follows as ' {choice}' (default: '{question}\\nAnswer:'; '{question}' for the testbed's general_mc, which matches its training rows)")
+    add_settings(p, MMLUSettings, ("mode", "shots"), prefix="mmlu", unset=("mode", "shots"))
+    p.add_argument("--mmlu-dev", metavar="FILE", help="few-shot rows for --mmlu-mode kshot (MMLU's dev split, same layout; default: the rows of --mmlu whose split is dev, else the first K other questions of each subject)")
+    p.add_argument("--mmlu-prompt", metavar="TEXT", help="MMLU prompt with {question} for --mmlu-mode loglik; each option follows as ' {choice}' (default: '{question}\\nAnswer:'; '{question}' for the testbed's general_mc, which matches its training rows)")
     p.add_argument("--oracle", metavar="DIR|FILE", help="a retain-only model directory (or its per_example.parquet) for TOFU forget quality")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="generated tokens per row at most (default: 64)")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward pass for generation, scoring and MMLU (default: 16, 8, 16)")
     p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only (no ROUGE, exact match or task aggregate)")
+    p.add_argument("--semeval-out", metavar="DIR", help="also write the generations as the official SemEval scorer reads them: DIR/forget_0.csv and DIR/retain_0.csv (id, task, input, expected_output, model_output)")
     add_progress(p)
     add_data(p)
     add_common(p, "directory for metrics.json and per_example.parquet")
@@ -94,21 +100,30 @@ def evaluate_arguments(p) -> None:
 def evaluate(args) -> int:
     """Evaluate a model on --forget and --retain: greedy generation (ROUGE-L recall on completion rows,
     exact match on QA rows), teacher-forced answer probability and accuracy, TOFU truth ratio;
-    membership inference (LOSS, zlib, Min-K%, Min-K%++ AUC) with --holdout as non-members; MMLU-
-    style accuracy with --mmlu; TOFU forget quality with --oracle. Writes metrics.json (every
-    aggregate, with settings) and per_example.parquet (every score by id)."""
-    from analysis.evaluate import EvalSettings, write_evaluation
+    membership inference (LOSS, zlib, Min-K%, Min-K%++ AUC) with --holdout as non-members, on the
+    answer tokens or (--mia-scope document, as SemEval) on the whole prompt + answer; MMLU-style
+    accuracy with --mmlu, by option likelihood (--mmlu-mode loglik, the default) or as the SemEval
+    scorer runs it (--mmlu-mode kshot: open-instruct's 5-shot prompt, argmax over the answer
+    letters); TOFU forget quality with --oracle. Writes metrics.json (every aggregate, with
+    settings) and per_example.parquet (every score by id); with --semeval-out DIR also the
+    generations in the official scorer's layout, DIR/forget_0.csv and DIR/retain_0.csv."""
+    from analysis.evaluate import (
+        EvalSettings,
+        semeval_tables,
+        write_evaluation,
+        write_semeval,
+    )
     from analysis.evaluate import evaluate as run_evaluate
     from analysis.generation import GenerationSettings
     from analysis.metrics import MIA_ATTACKS, ScoreSettings
-    from analysis.mmlu import MMLUSettings, read_mmlu
+    from analysis.mmlu import MMLUSettings, read_mmlu, split_dev
     from soir.models import check_model_dir
 
     out = Path(args.out)
     check_out_dir(out, overwrite=True)  # writes named files only: any directory will do
-    mia_asked = args.mia is True or args.mia_attack is not None
+    mia_asked = args.mia is True or args.mia_attack is not None or args.mia_scope is not None
     if mia_asked and args.holdout is None:
-        raise UserError("membership inference needs non-members: give --holdout FILE (a split the model never saw), or drop --mia/--mia-attack")
+        raise UserError("membership inference needs non-members: give --holdout FILE (a split the model never saw), or drop --mia/--mia-attack/--mia-scope")
     mia = args.holdout is not None and args.mia is not False
     if args.mia_attack is not None and args.mia_attack not in MIA_ATTACKS:
         raise UserError(f"unknown --mia-attack {args.mia_attack!r}: use one of {', '.join(MIA_ATTACKS)}")
@@ -116,8 +131,23 @@ def evaluate(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if "{question}" not in args.mmlu_prompt:
-        raise UserError(f"--mmlu-prompt must contain {{question}}, got {args.mmlu_prompt!r}")
+    mmlu_flags = {"--mmlu-mode": args.mmlu_mode, "--mmlu-shots": args.mmlu_shots, "--mmlu-dev": args.mmlu_dev, "--mmlu-prompt": args.mmlu_prompt}
+    given = [flag for flag, value in mmlu_flags.items() if value is not None]
+    if given and not args.mmlu:
+        raise UserError(f"{given[0]} needs an MMLU file: give --mmlu FILE, or drop {given[0]}")
+    mode = args.mmlu_mode or MMLUSettings().mode
+    if mode == "kshot" and args.mmlu_prompt is not None:
+        raise UserError("--mmlu-prompt applies to --mmlu-mode loglik only (kshot uses open-instruct's fixed prompt): drop it")
+    for flag in ("--mmlu-shots", "--mmlu-dev"):
+        if mode == "loglik" and mmlu_flags[flag] is not None:
+            raise UserError(f"{flag} applies to --mmlu-mode kshot only: add --mmlu-mode kshot, or drop {flag}")
+    mmlu_prompt = args.mmlu_prompt if args.mmlu_prompt is not None else MMLUSettings().prompt
+    if "{question}" not in mmlu_prompt:
+        raise UserError(f"--mmlu-prompt must contain {{question}}, got {mmlu_prompt!r}")
+    if args.semeval_out is not None:
+        if args.no_generate:
+            raise UserError("--semeval-out writes the generations: drop --no-generate")
+        check_out_dir(args.semeval_out, overwrite=True)  # writes named files only
     if not 0 < args.min_k <= 1:
         raise UserError(f"--min-k must lie in (0, 1], got {args.min_k}")
 
@@ -126,6 +156,7 @@ def evaluate(args) -> int:
     splits = {"forget": _read("forget", args.forget, columns), "retain": _read("retain", args.retain, columns)}
     holdout = _read("holdout", args.holdout, columns) if args.holdout else None
     mmlu = read_mmlu(args.mmlu) if args.mmlu else None
+    mmlu_dev = read_mmlu(args.mmlu_dev) if args.mmlu_dev else None
     oracle = None
     if args.oracle:
         oracle_path = Path(args.oracle)
@@ -146,24 +177,30 @@ def evaluate(args) -> int:
     progress = not args.no_progress
     generation = GenerationSettings(progress=progress, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v is not None})
     scoring = ScoreSettings(max_length=args.max_length, min_k=args.min_k, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}))
-    mmlu_settings = MMLUSettings(prompt=args.mmlu_prompt, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    mmlu_settings = MMLUSettings(mode=mode, prompt=mmlu_prompt, progress=progress, **{k: v for k, v in (("shots", args.mmlu_shots), ("batch_size", args.batch_size)) if v is not None})
+    if mmlu is not None:
+        split_dev(mmlu, mmlu_dev)  # a file of dev rows only fails here, before the model is loaded
     settings = EvalSettings(
         template=data.template, generation=generation, scoring=scoring, mmlu=mmlu_settings,
-        generate=not args.no_generate, mia=mia, mia_attack=args.mia_attack or "loss", progress=progress,
+        generate=not args.no_generate, mia=mia, mia_attack=args.mia_attack or "loss", mia_scope=args.mia_scope or "answer", progress=progress,
     )
 
     tokenizer = spec.load_tokenizer()
     model = spec.load(tokenizer, seed=args.seed)
     if args.oracle and oracle is None:
         oracle = replace(spec, model=args.oracle).load(tokenizer)
-    metrics, per_example = run_evaluate(model, tokenizer, splits, holdout=holdout, mmlu=mmlu, oracle=oracle, settings=settings)
+    metrics, per_example = run_evaluate(model, tokenizer, splits, holdout=holdout, mmlu=mmlu, oracle=oracle, settings=settings, mmlu_dev=mmlu_dev)
     metrics["inputs"] = {
         "model": args.model, "tokenizer": spec.tokenizer_dir, "forget": args.forget, "retain": args.retain,
-        "holdout": args.holdout, "mmlu": args.mmlu, "oracle": args.oracle, "seed": args.seed, "columns": columns or None,
+        "holdout": args.holdout, "mmlu": args.mmlu, "mmlu_dev": args.mmlu_dev, "oracle": args.oracle, "seed": args.seed,
+        "columns": columns or None, "semeval_out": args.semeval_out,
     }
+    tables = semeval_tables(splits, per_example, settings) if args.semeval_out is not None else {}
     write_evaluation(out, metrics, per_example)
+    written = write_semeval(args.semeval_out, tables) if tables else []
     print("\n".join(summary_lines(metrics)))
-    print(f"\nwritten: {out / 'metrics.json'}, {out / 'per_example.parquet'} ({len(per_example)} rows)")
+    print(f"\nwritten: {out / 'metrics.json'}, {out / 'per_example.parquet'} ({len(per_example)} rows)"
+          + "".join(f", {path}" for path in written))
     return 0
 
 
@@ -210,6 +247,47 @@ def attack_relearn(args) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     print(f"\nattacked {result['split']['attacked_rows']} rows ({', '.join(result['split']['attacked_subjects'])}), "
           f"measured on {result['split']['held_out_rows']} held-back rows; written: {out / 'relearn.json'}")
+    return 0
+
+
+def quantize_arguments(p) -> None:
+    from analysis.quantize import QuantizeSettings
+
+    add_model(p)
+    p.add_argument("--forget", required=True, metavar="FILE", help="the forget split (parquet, jsonl or csv)")
+    p.add_argument("--retain", required=True, metavar="FILE", help="the retain split")
+    add_settings(p, QuantizeSettings, QUANTIZE_FLAGS)
+    add_progress(p)
+    add_data(p)
+    add_common(p, "directory for quantize.json")
+
+
+def attack_quantize(args) -> int:
+    """The quantization probe: measure forget and retain (teacher-forced answer accuracy, probability
+    and loss; QA exact match and ROUGE-L recall unless --no-generate) at full precision, round every
+    weight matrix to --bits (symmetric, per output channel, round to nearest; norms and biases stay
+    at full precision, embeddings and head too with --keep-embeddings) and measure again. Forgetting
+    that rounding undoes was never more than a small weight change. Writes quantize.json."""
+    from analysis.quantize import QuantizeSettings, quantize_probe, summary_table
+    from soir.io import write_json
+
+    out = Path(args.out)
+    check_out_dir(out, overwrite=True)  # writes named files only: any directory will do
+    data = data_settings(args)
+    settings = from_args(QuantizeSettings, args, QUANTIZE_FLAGS, template=data.template, max_length=data.max_length, progress=not args.no_progress)
+    columns = parse_column_map(args.columns)
+    forget, retain = _read("forget", args.forget, columns), _read("retain", args.retain, columns)
+    spec = model_settings(args)
+    spec.check()
+    tokenizer = spec.load_tokenizer()
+    model = spec.load(tokenizer, seed=args.seed)
+    result = quantize_probe(model, tokenizer, forget, retain, settings, restore=False)  # the model is not used afterwards
+    result["inputs"] = {"model": args.model, "tokenizer": spec.tokenizer_dir, "forget": args.forget, "retain": args.retain, "seed": args.seed}
+    write_json(out / "quantize.json", result)
+    print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    q = result["quantized"]
+    print(f"\nrounded {q['tensors']} tensors ({q['parameters']:,} parameters) to {q['bits']} bits, relative weight change "
+          f"{q['relative_change']:.2e}; kept {len(q['kept'])} at full precision; written: {out / 'quantize.json'}")
     return 0
 
 

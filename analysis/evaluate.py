@@ -16,6 +16,13 @@ Per row of every split:
   `paraphrased_output` (or `output` where that is missing), and `truth_ratio_score`
   (min(R, 1/R) on the forget split, max(0, 1 - R) elsewhere).
 Holdout rows (non-members for MIA) get the teacher-forced scores only.
+
+Membership inference scores either the answer (`mia_scope="answer"`: the per-example `loss`,
+`zlib`, `min_k`, `min_k_pp` above) or the whole document (`"document"`, as SemEval computes it:
+one more teacher-forced pass over every token of `template.prompt(input) + output`, reported in
+extra per-example columns `document_loss`, `document_zlib`, `document_min_k`, `document_min_k_pp`
+on the forget and holdout rows). `semeval_tables` / `write_semeval` give the forget and retain
+generations in the layout the official SemEval scorer reads (`forget_0.csv`, `retain_0.csv`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import pandas as pd
 from analysis.generation import GenerationSettings, generate
 from analysis.metrics import (
     MIA_ATTACKS,
+    MIA_SCOPES,
     TEXT_METRICS,
     ScoreSettings,
     final_score,
@@ -47,7 +55,7 @@ from analysis.metrics import (
 from analysis.mmlu import MMLUSettings, mmlu_accuracy
 from soir.data import Template, list_cell, row_kind
 from soir.errors import UserError
-from soir.io import write_json, write_parquet
+from soir.io import atomic_path, write_json, write_parquet
 
 ALL_TASKS = "all"
 HOLDOUT = "holdout"
@@ -57,6 +65,8 @@ PER_EXAMPLE_COLUMNS = (  # the built-in columns; registered text metrics beyond 
     "truth_ratio", "truth_ratio_score", "paraphrased_generation", "paraphrased_exact_match",
     "paraphrased_rouge_l_recall", "mc_correct",
 )
+DOCUMENT_COLUMNS = ("loss", "zlib", "min_k", "min_k_pp")  # per-example `document_<column>` with mia_scope="document"
+SEMEVAL_COLUMNS = ("id", "task", "input", "expected_output", "model_output")  # the official scorer's CSV layout
 
 
 def per_example_columns() -> list[str]:
@@ -77,9 +87,16 @@ class EvalSettings:
     template: the prompt template (`soir.data.Template`). generate: run greedy generation
     (False: teacher-forced metrics only). mia: membership inference, forget split = members,
     holdout = non-members (needs a holdout). mia_attack: the attack whose score enters the
-    final score (all of `MIA_ATTACKS` are reported). truth_ratio_mean: "geometric" (TOFU's
-    code) or "arithmetic" (TOFU's paper). forget_split / retain_split: the split names that
-    enter the task aggregate, forget quality and model utility. progress: tqdm bars.
+    final score (all of `MIA_ATTACKS` are reported). mia_scope: the tokens membership inference
+    scores. "answer" (the default): the labelled tokens of the data contract, the answer and its
+    EOS after the prompt as context, so the LOSS attack is the per-example loss. "document": as
+    SemEval-2025 Task 4 computes MIA, the row's full text `template.prompt(input) + output`
+    tokenized in one piece (with the tokenizer's special tokens, no EOS appended) is the
+    document, and LOSS, zlib, Min-K% and Min-K%++ use every token after the first (zlib
+    divides by the compressed length of the document text); prompts then count as much as
+    answers. truth_ratio_mean: "geometric" (TOFU's code) or "arithmetic" (TOFU's paper).
+    forget_split / retain_split: the split names that enter the task aggregate, forget
+    quality and model utility. progress: tqdm bars.
     """
 
     template: str = "{input}{output}"
@@ -89,6 +106,7 @@ class EvalSettings:
     generate: bool = True
     mia: bool = True
     mia_attack: str = "loss"
+    mia_scope: str = "answer"
     truth_ratio_mean: str = "geometric"
     forget_split: str = "forget"
     retain_split: str = "retain"
@@ -97,6 +115,8 @@ class EvalSettings:
     def __post_init__(self):
         if self.mia_attack not in MIA_ATTACKS:
             raise UserError(f"unknown MIA attack {self.mia_attack!r}: use one of {', '.join(MIA_ATTACKS)}")
+        if self.mia_scope not in MIA_SCOPES:
+            raise UserError(f"unknown MIA scope {self.mia_scope!r}: use one of {', '.join(MIA_SCOPES)}")
         if self.truth_ratio_mean not in ("geometric", "arithmetic"):
             raise UserError(f"truth_ratio_mean must be 'geometric' or 'arithmetic', got {self.truth_ratio_mean!r}")
 
@@ -202,6 +222,41 @@ def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: Eval
     return out[columns]
 
 
+PROBE_METRICS = ("accuracy", "probability", "loss", "knowledge", "regurgitation", "rouge_l_recall", "paraphrased_exact_match")
+
+
+def probe_settings(template: str, max_length: int, max_new_tokens: int, batch_size: int, generate: bool, progress: bool) -> EvalSettings:
+    """The evaluation a robustness probe runs on its splits (no MIA, generation optional)."""
+    return EvalSettings(
+        template=template,
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress),
+        scoring=ScoreSettings(batch_size=batch_size, max_length=max_length, progress=progress),
+        generate=generate, mia=False, progress=progress,
+    )
+
+
+def probe_metrics(model, tokenizer, frame: pd.DataFrame, settings: EvalSettings, name: str = "forget") -> dict[str, float | None]:
+    """A probe's headline numbers of `model` on one split (`PROBE_METRICS`): teacher-forced answer
+    accuracy (pooled over tokens), answer probability and loss, QA exact match (knowledge), ROUGE-L
+    recall on completion rows (regurgitation) and on all rows, exact match on paraphrased questions."""
+    rows = score_split(model, tokenizer, name, frame, replace(settings, forget_split=name))
+    qa, sc = rows[rows["kind"] == "qa"], rows[rows["kind"] != "qa"]
+
+    def mean(values) -> float | None:
+        values = pd.to_numeric(values, errors="coerce").dropna()
+        return float(values.mean()) if len(values) else None
+
+    return {
+        "accuracy": pooled_accuracy(rows),
+        "probability": mean(rows["probability"]),
+        "loss": mean(rows["loss"]),
+        "knowledge": mean(qa["exact_match"]),
+        "regurgitation": mean(sc["rouge_l_recall"]),
+        "rouge_l_recall": mean(rows["rouge_l_recall"]),
+        "paraphrased_exact_match": mean(rows["paraphrased_exact_match"]),
+    }
+
+
 def _progress(settings: EvalSettings) -> tuple[GenerationSettings, ScoreSettings]:
     if settings.progress:
         return settings.generation, settings.scoring
@@ -278,11 +333,13 @@ def evaluate(
     mmlu: pd.DataFrame | str | Path | None = None,
     oracle=None,
     settings: EvalSettings = EvalSettings(),
+    mmlu_dev: pd.DataFrame | str | Path | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Evaluate `model` on `splits` (name -> table with input/output); return (metrics, per-example table).
 
     holdout: non-member rows for MIA (required when `settings.mia`). mmlu: a local MMLU-layout
-    file or a table from `analysis.mmlu.read_mmlu`. oracle: for TOFU forget quality, a
+    file or a table from `analysis.mmlu.read_mmlu`; mmlu_dev: more few-shot rows for
+    `settings.mmlu.mode == "kshot"` (MMLU's dev split). oracle: for TOFU forget quality, a
     retain-only model, its per-example table, or its forget truth ratios.
     Metrics: `{split}/…` means, `{split}/{task}/regurgitation|knowledge`, `task_aggregate`,
     `mia/{attack}/auc|score`, `mia_score`, `mmlu/accuracy…`, `forget_quality`,
@@ -318,6 +375,13 @@ def evaluate(
     if settings.mia:
         members = per_example[per_example["split"] == settings.forget_split]
         nonmembers = per_example[per_example["split"] == HOLDOUT]
+        if settings.mia_scope == "document":
+            members, nonmembers = (document_scores(model, tokenizer, frame, settings, name) for name, frame in
+                                   ((settings.forget_split, splits[settings.forget_split]), (HOLDOUT, holdout)))
+            for column in DOCUMENT_COLUMNS:
+                per_example[f"document_{column}"] = np.nan
+                for name, scores in ((settings.forget_split, members), (HOLDOUT, nonmembers)):
+                    per_example.loc[per_example["split"] == name, f"document_{column}"] = scores[column].to_numpy()
         for attack, result in mia_results(members, nonmembers).items():
             metrics[f"mia/{attack}/auc"] = result["auc"]
             metrics[f"mia/{attack}/score"] = result["score"]
@@ -327,7 +391,7 @@ def evaluate(
 
     mmlu_value = None
     if mmlu is not None:
-        result = mmlu_accuracy(model, tokenizer, mmlu, replace(settings.mmlu, progress=settings.mmlu.progress and settings.progress))
+        result = mmlu_accuracy(model, tokenizer, mmlu, replace(settings.mmlu, progress=settings.mmlu.progress and settings.progress), dev=mmlu_dev)
         mmlu_value = result.accuracy
         metrics["mmlu/accuracy"] = result.accuracy
         metrics["mmlu/accuracy_macro"] = result.accuracy_macro
@@ -358,6 +422,49 @@ def evaluate(
     metrics["final_score_components"] = sorted(present)
     metrics["settings"] = asdict(settings)
     return _json_ready(metrics), per_example
+
+
+def document_scores(model, tokenizer, frame: pd.DataFrame, settings: EvalSettings, name: str = "split") -> pd.DataFrame:
+    """Document-scope likelihood scores of each row of `frame` (`sequence_scores(scope="document")`)."""
+    _check_split(name, frame)
+    return sequence_scores(model, tokenizer, frame["input"].astype(str).tolist(), frame["output"].astype(str).tolist(),
+                           template=Template(settings.template), settings=_progress(settings)[1], scope="document", desc=f"document {name}")
+
+
+def semeval_tables(splits: Mapping[str, pd.DataFrame], per_example: pd.DataFrame, settings: EvalSettings = EvalSettings()) -> dict[str, pd.DataFrame]:
+    """The forget and retain generations in the official SemEval scorer's layout: {file name: table}.
+
+    `forget_0.csv` and `retain_0.csv` (of those of the two splits present), columns
+    `SEMEVAL_COLUMNS`: one row per row of the split, `input` and `expected_output` its `input`
+    and `output`, `model_output` the greedy generation (per_example's `generation`).
+    """
+    if not settings.generate:
+        raise UserError("the SemEval output files hold generations: drop --no-generate to write them")
+    tables = {}
+    for side, name in (("forget", settings.forget_split), ("retain", settings.retain_split)):
+        if name not in splits:
+            continue
+        frame = splits[name].reset_index(drop=True)
+        rows = per_example[per_example["split"] == name].reset_index(drop=True)
+        if len(rows) != len(frame):
+            raise ValueError(f"per_example has {len(rows)} rows of split {name!r}, the split has {len(frame)}")
+        tables[f"{side}_0.csv"] = pd.DataFrame({
+            "id": rows["id"].astype(str), "task": rows["task"].astype(str), "input": frame["input"].astype(str),
+            "expected_output": frame["output"].astype(str), "model_output": rows["generation"].fillna("").astype(str),
+        })[list(SEMEVAL_COLUMNS)]
+    if not tables:
+        raise UserError(f"the SemEval output files need a {settings.forget_split!r} or {settings.retain_split!r} split")
+    return tables
+
+
+def write_semeval(out_dir: str | Path, tables: Mapping[str, pd.DataFrame]) -> list[Path]:
+    """Write each `semeval_tables` table as CSV into `out_dir`, each atomically (soir.io.atomic_path)."""
+    written = []
+    for name, table in tables.items():
+        with atomic_path(Path(out_dir) / name) as tmp:
+            table.to_csv(tmp, index=False)
+        written.append(Path(out_dir) / name)
+    return written
 
 
 def write_evaluation(out_dir: str | Path, metrics: Mapping, per_example: pd.DataFrame) -> None:

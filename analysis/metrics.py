@@ -5,16 +5,19 @@ aggregates, truth ratio, forget quality, model utility), plus `sequence_scores`,
 every likelihood-based per-example number from one forward pass per batch: answer loss,
 answer probability, teacher-forced token accuracy and the membership-inference scores.
 
-Which tokens are scored: the answer tokens plus the one EOS that `soir.data.encode` labels
-(the prompt is context only). For membership inference the "document" is
-`template.prompt(input) + output`, and its answer tokens are the ones scored, so LOSS equals
-the per-example loss of the data contract.
+Which tokens are scored (`sequence_scores(scope=...)`): with `scope="answer"` (the default)
+the answer tokens plus the one EOS that `soir.data.encode` labels (the prompt is context
+only), so LOSS equals the per-example loss of the data contract. With `scope="document"`, as
+SemEval-2025 Task 4 computes membership inference, the document is the row's full text
+`template.prompt(input) + output`, tokenized in one piece with the tokenizer's special tokens
+(no EOS appended), and every token after the first is scored.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -34,6 +37,7 @@ from soir.data import (
     pad_id,
     per_example_loss,
 )
+from soir.errors import UserError
 from soir.registry import Registry
 from soir.runtime import device_of, eval_mode, lm_logits, to_device
 
@@ -151,6 +155,7 @@ class ScoreSettings:
 
 
 SCORE_COLUMNS = ("loss", "probability", "accuracy", "n_tokens", "zlib", "min_k", "min_k_pp")
+MIA_SCOPES = ("answer", "document")  # the tokens `sequence_scores` scores (module docstring)
 
 
 def pooled_accuracy(rows) -> float | None:
@@ -171,8 +176,13 @@ def sequence_scores(
     template: Template = Template(),
     settings: ScoreSettings = ScoreSettings(),
     desc: str = "score",
+    scope: str = "answer",
 ) -> pd.DataFrame:
     """Per-example likelihood scores of `output` given `template.prompt(input)`, one row per pair.
+
+    `scope="document"` scores every token of `template.prompt(input) + output` after the first
+    instead (`document_tokens`): then every column below is over those tokens, and zlib divides
+    by the compressed length of that text.
 
     Columns: loss (mean NLL of the labelled answer tokens, `soir.data.per_example_loss`),
     probability (exp(-loss)), accuracy (teacher-forced argmax hits over answer tokens,
@@ -186,16 +196,24 @@ def sequence_scores(
         raise ValueError("inputs and outputs differ in length")
     if not inputs:
         return pd.DataFrame({c: pd.Series(dtype=float) for c in SCORE_COLUMNS})
-    frame = pd.DataFrame({"id": [str(i) for i in range(len(inputs))], "input": inputs, "output": outputs})
-    data = encode(frame, tokenizer, template, settings.max_length)
+    if scope not in MIA_SCOPES:
+        raise UserError(f"unknown scoring scope {scope!r}: use one of {', '.join(MIA_SCOPES)}")
+    if scope == "document":
+        texts = [template.prompt(i) + o for i, o in zip(inputs, outputs)]
+        input_ids, label_ids = document_tokens(tokenizer, texts, settings.max_length)
+    else:
+        texts = outputs
+        frame = pd.DataFrame({"id": [str(i) for i in range(len(inputs))], "input": inputs, "output": outputs})
+        data = encode(frame, tokenizer, template, settings.max_length)
+        input_ids, label_ids = data.input_ids, data.labels
     device = device_of(model)
     pad = pad_id(tokenizer)
     columns: dict[str, list[float]] = {c: [] for c in SCORE_COLUMNS}
-    starts = range(0, len(data), settings.batch_size)
+    starts = range(0, len(input_ids), settings.batch_size)
     with eval_mode(model, no_grad=True):
         for start in tqdm(starts, desc=desc, disable=not settings.progress, leave=False):
             stop = start + settings.batch_size
-            batch = collate(data.input_ids[start:stop], data.labels[start:stop], pad)
+            batch = collate(input_ids[start:stop], label_ids[start:stop], pad)
             batch = to_device(batch, device)
             logits = lm_logits(model, batch)
             labels = batch["labels"]
@@ -209,9 +227,24 @@ def sequence_scores(
                 columns["n_tokens"].append(int(counts[row]))
                 columns["min_k"].append(min_k_mean(lp, settings.min_k))
                 columns["min_k_pp"].append(min_k_mean(z, settings.min_k))
-    for loss, text in zip(columns["loss"], outputs):
+    for loss, text in zip(columns["loss"], texts):
         columns["zlib"].append(loss / len(zlib.compress(text.encode("utf-8"))))
     return pd.DataFrame(columns)
+
+
+def document_tokens(tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[list[list[int]], list[list[int]]]:
+    """(token ids, labels) of whole documents for document-scope scoring: each text tokenized in
+    one piece with the tokenizer's special tokens, every token labelled (the first is never
+    predicted). A document longer than `max_length` keeps its first tokens, with one warning."""
+    ids = [list(x) for x in tokenizer([str(t) for t in texts], add_special_tokens=True)["input_ids"]]
+    cut = sum(len(x) > max_length for x in ids)
+    if cut:
+        warnings.warn(f"{cut} of {len(ids)} documents were longer than {max_length} tokens and were cut to their first {max_length}")
+        ids = [x[:max_length] for x in ids]
+    short = next((i for i, x in enumerate(ids) if len(x) < 2), None)
+    if short is not None:
+        raise UserError(f"row {short} is a document of {len(ids[short])} token(s): document-scope scores need at least two (use --mia-scope answer)")
+    return ids, [list(x) for x in ids]
 
 
 def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -32,9 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.evaluate import EvalSettings, score_split
-from analysis.generation import GenerationSettings
-from analysis.metrics import ScoreSettings, pooled_accuracy
+from analysis.evaluate import probe_metrics, probe_settings
 from soir.data import SEMEVAL_ID, BatchStream, Template, encode, pad_id
 from soir.errors import UserError
 from soir.settings import setting
@@ -97,31 +95,11 @@ def split_by_subject(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[p
 
 
 def forget_metrics(model, tokenizer, frame: pd.DataFrame, settings: RelearnSettings, name: str = "forget") -> dict[str, float]:
-    """Forget metrics of `model` on `frame` (see the module docstring)."""
-    evaluation = EvalSettings(
-        template=settings.template,
-        generation=GenerationSettings(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size, progress=settings.progress),
-        scoring=ScoreSettings(batch_size=settings.eval_batch_size, max_length=settings.max_length, progress=settings.progress),
-        generate=settings.generate,
-        mia=False,
-        progress=settings.progress,
-        forget_split=name,
-    )
-    rows = score_split(model, tokenizer, name, frame, evaluation)
-    qa, sc = rows[rows["kind"] == "qa"], rows[rows["kind"] != "qa"]
-
-    def mean(values) -> float | None:
-        values = pd.to_numeric(values, errors="coerce").dropna()
-        return float(values.mean()) if len(values) else None
-
-    return {
-        "accuracy": pooled_accuracy(rows),
-        "probability": mean(rows["probability"]),
-        "knowledge": mean(qa["exact_match"]),
-        "regurgitation": mean(sc["rouge_l_recall"]),
-        "rouge_l_recall": mean(rows["rouge_l_recall"]),
-        "paraphrased_exact_match": mean(rows["paraphrased_exact_match"]),
-    }
+    """Forget metrics of `model` on `frame` (`analysis.evaluate.probe_metrics`)."""
+    evaluation = probe_settings(settings.template, settings.max_length, settings.max_new_tokens, settings.eval_batch_size,
+                                settings.generate, settings.progress)
+    metrics = probe_metrics(model, tokenizer, frame, evaluation, name)
+    return {k: metrics[k] for k in METRICS}
 
 
 def _difference(before: dict, after: dict) -> dict:

@@ -66,8 +66,8 @@ def rank_arguments(p) -> None:
     p.add_argument("--forget", metavar="FILE", help="the forget split (parquet, jsonl or csv; required unless --from-sketches)")
     p.add_argument("--retain", metavar="FILE", help="the retain split (parquet, jsonl or csv; required unless --from-sketches)")
     p.add_argument("--base", metavar="DIR", help="the model before finetuning (needed by --score shift)")
-    # with --from-sketches, these three default to the saved ones: no default here
-    add_settings(p, RankSettings, ("score", "delta", "lam"), defaults={"score": None, "delta": None, "lam": None})
+    # unset: with --from-sketches these three default to the saved ones
+    add_settings(p, RankSettings, ("score", "delta", "lam"), unset=("score", "delta", "lam"))
     add_settings(p, RankSettings, RANK_FLAGS)
     p.add_argument("--save-sketches", action="store_true", help="also write OUT/sketches/ (safetensors + manifest): the per-group gradients, sketches and curvature terms the score came from, for --from-sketches")
     p.add_argument("--from-sketches", metavar="DIR", help="rank again from saved sketches (a --save-sketches output, or its sketches/) without a model pass: only --score, --delta, --lam may change; the other ranking flags are the saved ones")

@@ -21,12 +21,31 @@ from soir.registry import Registry
 MISSING = dataclasses.MISSING
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory=None, choices=None, metavar: str | None = None) -> Any:
-    """A dataclass field with its command-line help; `choices` is a list or a `Registry`."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar}
+def setting(default: Any = MISSING, help: str = "", *, factory=None, choices=None, minimum=None, metavar: str | None = None) -> Any:
+    """A dataclass field with its command-line help; `choices` is a list or a `Registry`, `minimum`
+    the smallest value allowed (both checked by `check_fields`)."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "metavar": metavar}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_fields(settings, prefix: str = "") -> None:
+    """A one-line UserError for the first field of `settings` outside its declared `choices` or below
+    its `minimum` (None values are left to the settings' own meaning of unset); `prefix` as in
+    `add_settings`, so the message names the flag the user typed."""
+    from soir.errors import UserError
+
+    for field in dataclasses.fields(settings):
+        value, choices, minimum = getattr(settings, field.name), field.metadata.get("choices"), field.metadata.get("minimum")
+        if value is None:
+            continue
+        flag = flag_name(f"{prefix}_{field.name}" if prefix else field.name)
+        if choices is not None and value not in choices:
+            listed = choices.names() if isinstance(choices, Registry) else list(choices)
+            raise UserError(f"unknown {flag} {value!r}: use one of {', '.join(map(str, listed))}")
+        if minimum is not None and value < minimum:
+            raise UserError(f"{flag} must be at least {minimum}, got {value}")
 
 
 def flag_name(name: str) -> str:
@@ -50,10 +69,13 @@ def _plain(hint) -> tuple[Any, bool]:
     return hint, False
 
 
-def add_settings(parser, cls, names: Sequence[str], *, required: Sequence[str] = (), defaults: dict | None = None, group: str | None = None) -> None:
+def add_settings(parser, cls, names: Sequence[str], *, required: Sequence[str] = (), defaults: dict | None = None, group: str | None = None,
+                 prefix: str = "", unset: Sequence[str] = ()) -> None:
     """One flag per named field of the settings dataclass `cls` (help, type, choices and default from the field).
 
-    `defaults` overrides a field's default for this command only; `required` flags have none.
+    `defaults` overrides a field's default for this command only; `required` flags have none;
+    `unset` flags parse to None when not given (so a handler can tell), their help still showing
+    the field's default; `prefix` names the flags `--PREFIX-NAME` (dest `PREFIX_NAME`).
     """
     target = parser.add_argument_group(group) if group else parser
     hints = typing.get_type_hints(cls)
@@ -84,8 +106,9 @@ def add_settings(parser, cls, names: Sequence[str], *, required: Sequence[str] =
         if meta.get("metavar"):
             options["metavar"] = meta["metavar"]
         shown = "" if kind is bool or default is None or default == [] or name in required else f" (default: {_show(default)})"
-        target.add_argument(flag_name(name), default=None if name in required else ([] if default == [] else default),
-                            required=name in required, help=(help_text + shown).replace("%", "%%"), **options)
+        value = None if name in required or name in unset else ([] if default == [] else default)
+        target.add_argument(flag_name(f"{prefix}_{name}" if prefix else name), default=value, required=name in required,
+                            help=(help_text + shown).replace("%", "%%"), **options)
 
 
 def describe_choices(registry: Registry, names: Sequence[str] | None = None) -> str:
