@@ -18,11 +18,11 @@ from soir.settings import add_settings, describe_choices, from_args
 from unlearn.loop import TrainSettings
 from unlearn.objectives import ObjectiveSettings
 
-WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin")
+WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin", "rmu_layer", "steering_coeff", "rmu_alpha")
 
 
-TRAIN_FLAGS = ("batch_size", "lr", "optimizer", "weight_decay", "momentum", "warmup", "schedule", "max_grad_norm",
-               "grad_accum", "eval_every", "save_every")
+TRAIN_FLAGS = ("batch_size", "lr", "optimizer", "weight_decay", "momentum", "rho", "sophia_betas", "hessian_every", "sophia_eps",
+               "warmup", "schedule", "max_grad_norm", "grad_accum", "eval_every", "save_every")
 
 
 def add_train(parser, lr: float) -> None:
@@ -71,9 +71,9 @@ def finetune(args) -> int:
 
 def add_objective(parser) -> None:
     """--objective: the registered objectives that unlearn (those with a forget stream)."""
-    from unlearn.objectives import OBJECTIVES
+    from unlearn.objectives import OBJECTIVES, unlearns
 
-    unlearning = [name for name, objective in OBJECTIVES.items() if "forget" in objective.streams]
+    unlearning = [name for name, objective in OBJECTIVES.items() if unlearns(objective)]
     parser.add_argument("--objective", default="graddiff", choices=unlearning, metavar="NAME",
                         help=f"the unlearning objective (default: graddiff): {describe_choices(OBJECTIVES, unlearning)}")
 

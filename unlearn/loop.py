@@ -7,7 +7,10 @@ a stop on a non-finite loss that keeps the last good checkpoint.
 
 Batches are a pure function of the step (`soir.data.BatchStream`), and the learning rate is a
 pure function of the step, so a checkpoint needs only tensors, the optimiser state and the
-RNG state to resume bit-identically.
+RNG state to resume bit-identically. An optimiser with a curvature estimate (`hessian_every`,
+SophiaG) gets its Gauss–Newton–Bartlett pass before updates 0, k, 2k, …, with labels sampled
+from a generator seeded by (seed, step): the schedule and the samples are pure functions of
+the step too.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from tqdm.auto import tqdm
 
 from soir.errors import UserError
 from soir.io import atomic_path
+from soir.runtime import device_of
 from soir.settings import setting
-from unlearn.optimizers import OPTIMIZERS, make_optimizer
+from unlearn.objectives import gnb_loss, hessian_streams
+from unlearn.optimizers import OPTIMIZERS, check_sophia, make_optimizer
 
 CHECKPOINTS = "checkpoints"
 # settings that shape the trajectory: a resumed run must use the ones its checkpoint was made with
-TRAJECTORY = ("steps", "lr", "optimizer", "weight_decay", "betas", "momentum", "warmup", "schedule", "min_lr_ratio",
-              "max_grad_norm", "grad_accum", "batch_size", "seed")
+TRAJECTORY = ("steps", "lr", "optimizer", "weight_decay", "betas", "momentum", "rho", "sophia_betas", "hessian_every", "sophia_eps",
+              "warmup", "schedule", "min_lr_ratio", "max_grad_norm", "grad_accum", "batch_size", "seed")
 EvalCallback = Callable[[torch.nn.Module, int], Mapping[str, float]]
 
 
@@ -52,6 +57,13 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "weight decay")
     betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's β1 β2")
     momentum: float = setting(0.0, "SGD momentum")
+    rho: float = setting(0.04, "SophiaG's ρ: the Hessian's scale in the clipped step m / max(ρ·h, ε) (Liu et al. 2023; "
+                               "the reference implementation's default)")
+    sophia_betas: tuple[float, float] = setting((0.965, 0.99), "SophiaG's β1 (momentum) and β2 (Hessian average), "
+                                                               "the reference implementation's defaults", metavar="B")
+    hessian_every: int = setting(10, "SophiaG: refresh the Gauss–Newton–Bartlett Hessian estimate every K steps, one extra "
+                                     "forward and backward each (the paper's k = 10)", metavar="K")
+    sophia_eps: float = setting(1e-12, "SophiaG's ε, the floor of ρ·h (the paper's 1e-12)", metavar="EPS")
     warmup: float = setting(0.05, "warmup: a fraction of the steps (< 1) or a step count")
     schedule: str = setting("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = setting(0.0, "the learning rate at the end of the schedule, as a fraction of --lr")
@@ -77,6 +89,7 @@ class TrainSettings:
         if self.epochs is not None and not self.epochs > 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         OPTIMIZERS.get(self.optimizer)
+        check_sophia(self.rho, self.sophia_betas, self.sophia_eps, self.hessian_every)
 
     def resolve_steps(self, batches_per_epoch: int) -> "TrainSettings":
         """These settings with `epochs` (if set) turned into a step count."""
@@ -139,8 +152,10 @@ class Trainer:
     """Runs an objective over named batch streams, training only `parameters`.
 
     `before_clip` and `after_step` let masked training act between backward and clipping and
-    after the optimiser step; `on_start(step)` runs once before training, with the step resumed
-    from (None for a fresh start); `reference` is handed to the objective.
+    after the optimiser step (`before_clip` also runs after the backward of a Hessian pass, so
+    its gradient is masked before it enters the optimiser's curvature state); `on_start(step)`
+    runs once before training, with the step resumed from (None for a fresh start);
+    `reference` is handed to the objective.
     """
 
     def __init__(
@@ -244,6 +259,35 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
+    def refresh_hessian(self) -> None:
+        """The Gauss–Newton–Bartlett pass of update `self.step` (Sophia's Algorithm 2), for an
+        optimiser with `hessian_every`: on the step's batches (every micro-batch, the objective's
+        `hessian_streams`), ĝ = ∇ of the mean CE against labels sampled from the model over all B
+        labelled positions; the optimiser gets ĝ in `.grad`, masked, and B (`update_hessian(B)`).
+        The labels come from a generator seeded by (seed, step), so a resumed run draws the same ones.
+        As in the paper, the pass runs before the update it serves and its gradient is not clipped
+        (the reference implementation refreshes after the update, on the next batch, and clips it).
+        """
+        s = self.settings
+        generator = torch.Generator(device=device_of(self.model)).manual_seed(s.seed * 1_000_003 + self.step)
+        names = hessian_streams(self.objective)
+        count = 0
+        for micro in range(s.grad_accum):
+            index = self.step * s.grad_accum + micro
+            total, n = gnb_loss(self.model, {name: self.streams[name](index) for name in names}, generator)
+            if n:
+                total.backward()
+            count += n
+        if count:
+            with torch.no_grad():
+                for param in self.params.values():
+                    if param.grad is not None:
+                        param.grad.div_(count)
+            if self.before_clip is not None:
+                self.before_clip()
+            self.optimizer.update_hessian(count)
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _log(self, handle, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
@@ -268,11 +312,14 @@ class Trainer:
         self.model.train()
         start, tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress, desc="train", unit="step", dynamic_ncols=True)
+        hessian_every = getattr(self.optimizer, "hessian_every", 0)
         with open(log_path, "a") as log:
             while self.step < s.steps:
                 lr = s.lr_at(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                if hessian_every and self.step % hessian_every == 0:
+                    self.refresh_hessian()
                 total, components = 0.0, {}
                 for micro in range(s.grad_accum):
                     index = self.step * s.grad_accum + micro

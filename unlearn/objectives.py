@@ -1,23 +1,36 @@
 """Training objectives, registered by name: `finetune`, and the unlearning objectives `ga`,
-`graddiff`, `kl`, `npo`, `simnpo`, `combo` (docs/design.md §7).
+`graddiff`, `kl`, `npo`, `simnpo`, `combo`, `idk`, `dpo`, `rmu` (docs/design.md §7).
 
 An objective is one class plus one registration (`@register_objective(NAME)`): it declares
-the batch streams it needs (`train`, or `forget` and `retain`), whether it needs the
-reference model, and the weights it uses, and maps a model plus one batch per stream to a
-scalar loss and its named components (for the log).
+the batch streams it needs (`train`, or `forget`, `forget_idk` and `retain`), whether it needs
+the reference model, and the weights it uses, and maps a model plus one batch per stream to a
+scalar loss and its named components (for the log). An objective that needs the model and the
+mask before training (RMU: its layer and random direction) has `prepare(model, mask, seed)`,
+which the unlearn stage calls before anything is written.
+
+Streams are built by the unlearn stage: `forget` and `retain` from the splits, `forget_idk`
+(`IDK_STREAM`) from the forget split with every answer replaced by a refusal from the shipped
+list (`with_refusals`: the prompt is kept, only the refusal and EOS are labelled). `forget_idk`
+is shuffled like `forget`, so batch i of the two holds the same rows in the same order.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import zlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from functools import lru_cache
+from importlib import resources
+from typing import Callable, Mapping, Protocol, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from soir.data import IGNORE_INDEX, example_losses, per_example_loss, token_nll
 from soir.errors import UserError
+from soir.groups import layer_index
 from soir.registry import Registry
 from soir.runtime import lm_logits
 from soir.settings import setting
@@ -29,11 +42,20 @@ Batch = dict[str, torch.Tensor]
 class ObjectiveSettings:
     """Weights and temperatures shared by the objectives; each uses the ones it needs."""
 
-    w_forget: float = setting(1.0, "weight of the forget term")
-    w_retain: float = setting(1.0, "weight of the retain NLL (graddiff, npo, simnpo, combo)")
+    w_forget: float = setting(1.0, "weight of the forget term (idk: of the refusal NLL)")
+    w_retain: float = setting(1.0, "weight of the retain NLL (graddiff, npo, simnpo, combo, idk, dpo)")
     w_kl: float = setting(1.0, "weight of the KL to the original model on retain (kl, combo)")
-    beta: float = setting(0.1, "NPO/SimNPO inverse temperature β")
+    beta: float = setting(0.1, "inverse temperature β of NPO, SimNPO and DPO (OpenUnlearning's 0.1)")
     margin: float = setting(0.0, "SimNPO's margin γ")
+    rmu_layer: int | None = setting(None, "RMU: the transformer block (0-based) whose output is steered (default: the deepest "
+                                          "block the mask selects; WMDP steers block 7 of Zephyr-7B's 32, training blocks 5-7)",
+                                    metavar="L")
+    steering_coeff: float = setting(6.5, "RMU's steering coefficient c: forget activations are pushed towards c·u, u a random "
+                                         "unit vector (WMDP's 6.5 for Zephyr-7B; several times the testbed's activation norms)",
+                                    metavar="C")
+    rmu_alpha: float = setting(10.0, "RMU's weight α of the retain activations' squared distance to the original model's "
+                                     "(10 balances forget and retain on the built-in testbed; WMDP: 1200 for Zephyr-7B)",
+                               metavar="ALPHA")
 
 
 class Objective(Protocol):
@@ -59,6 +81,15 @@ def register_objective(name: str, help: str = ""):
 
 def get_objective(name: str, settings: ObjectiveSettings = ObjectiveSettings()) -> Objective:
     return OBJECTIVES.get(name)(settings)
+
+
+IDK_STREAM = "forget_idk"
+FORGET_STREAMS = ("forget", IDK_STREAM)
+
+
+def unlearns(objective) -> bool:
+    """Whether an objective (class or instance) reads forget data, i.e. unlearns."""
+    return any(stream in FORGET_STREAMS for stream in objective.streams)
 
 
 def nll(model, batch: Batch) -> torch.Tensor:
@@ -91,9 +122,11 @@ class Finetune:
 #   labelled tokens.
 # - A term whose weight is 0 is not computed (no forward pass), and is absent from the
 #   components. Components are unweighted and detached: `forget_nll`, `retain_nll`, `kl`,
-#   `npo`, `simnpo` (the objective's forget term before its weight).
+#   `npo`, `simnpo`, `dpo`, `rmu_forget` (the objective's forget term before its weight),
+#   `idk_nll` (the NLL of the refusals) and `rmu_retain`.
 # - A reference is any object with `logits(batch) -> Tensor` computed without grad
-#   (unlearn.reference); it stands for the model before unlearning.
+#   (unlearn.reference); it stands for the model before unlearning. RMU also calls its
+#   `apply(fn)`: fn(model) evaluated with the model's original values, without grad.
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,7 +157,8 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
     """Raise UserError when the settings cannot drive objective `name`.
 
     Weights must be finite and ≥ 0, and the weights the objective uses must not all be 0
-    (their sum would be zero: there would be nothing to optimise); NPO and SimNPO need β > 0.
+    (their sum would be zero: there would be nothing to optimise); its temperatures (NPO,
+    SimNPO and DPO's β, RMU's steering coefficient) must be finite and > 0.
     """
     used = getattr(OBJECTIVES.get(name), "weights", ())
     for field_name in used:
@@ -134,11 +168,13 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
     if used and sum(getattr(settings, f) for f in used) == 0:
         listed = ", ".join(f"{f}=0" for f in used)
         raise UserError(f"objective {name}: its weights sum to zero ({listed}); give at least one a positive value")
-    if "beta" in getattr(OBJECTIVES[name], "temperatures", ()):
-        if not math.isfinite(settings.beta) or settings.beta <= 0:
-            raise UserError(f"objective {name}: beta={settings.beta} must be > 0")
-        if not math.isfinite(settings.margin):
-            raise UserError(f"objective {name}: margin={settings.margin} must be finite")
+    temperatures = getattr(OBJECTIVES[name], "temperatures", ())
+    for field_name in temperatures:
+        value = getattr(settings, field_name)
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"objective {name}: {field_name}={value} must be > 0")
+    if "beta" in temperatures and not math.isfinite(settings.margin):
+        raise UserError(f"objective {name}: margin={settings.margin} must be finite")
 
 
 class _Unlearning:
@@ -241,6 +277,13 @@ class Combo(_Unlearning):
         return _forget_and_kl(self, model, batches, self._reference(reference), with_retain_nll=True)
 
 
+def log_ratio(model, reference, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_θ(y|x) − log π_ref(y|x) per example, the model's mean answer NLL, detached) on a batch."""
+    ref_logp = sequence_logprob(reference.logits(batch), batch["labels"])
+    logits = lm_logits(model, batch)
+    return sequence_logprob(logits, batch["labels"]) - ref_logp, per_example_loss(logits.detach(), batch["labels"]).mean()
+
+
 @register_objective("npo")
 class NPO(_Unlearning):
     """Negative Preference Optimisation (Zhang et al. 2024), as in OpenUnlearning:
@@ -256,16 +299,11 @@ class NPO(_Unlearning):
 
     def __call__(self, model, batches, reference=None):
         reference = self._reference(reference)
-        beta = self.settings.beta
         loss, parts = 0.0, {}
         if self.settings.w_forget:
-            batch = batches["forget"]
-            ref_logp = sequence_logprob(reference.logits(batch), batch["labels"])
-            logits = lm_logits(model, batch)
-            logp = sequence_logprob(logits, batch["labels"])
-            npo = -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+            ratio, parts["forget_nll"] = log_ratio(model, reference, batches["forget"])
+            npo = -(2.0 / self.settings.beta) * F.logsigmoid(-self.settings.beta * ratio).mean()
             parts["npo"] = npo.detach()
-            parts["forget_nll"] = per_example_loss(logits.detach(), batch["labels"]).mean()
             loss = self.settings.w_forget * npo
         return self._retain_nll(model, batches, loss, parts), parts
 
@@ -294,3 +332,238 @@ class SimNPO(_Unlearning):
             parts["forget_nll"] = mean_nll.mean().detach()
             loss = self.settings.w_forget * simnpo
         return self._retain_nll(model, batches, loss, parts), parts
+
+
+# ---------------------------------------------------------------- refusals (idk, dpo)
+
+REFUSALS_FILE = "refusals.txt"
+
+
+@lru_cache(maxsize=None)
+def refusals() -> tuple[str, ...]:
+    """The shipped refusal strings (unlearn/refusals.txt, one per line; `#` lines are comments)."""
+    text = resources.files("unlearn").joinpath(REFUSALS_FILE).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def refusal_for(row_id: str, seed: int = 0, choices: Sequence[str] | None = None) -> str:
+    """The refusal of one row: a pure function of (seed, row id), so every run and every resume
+    of a run relabels a row the same way, whatever the order or subset of the rows."""
+    choices = refusals() if choices is None else tuple(choices)
+    return choices[zlib.crc32(f"{seed}:{row_id}".encode()) % len(choices)]
+
+
+def with_refusals(frame: pd.DataFrame, seed: int = 0, choices: Sequence[str] | None = None) -> pd.DataFrame:
+    """`frame` with each answer replaced by a refusal (`refusal_for`), for the `forget_idk` stream.
+
+    The prompt (`input`) is kept; the refusal takes the answer's leading whitespace, so under the
+    raw-concatenation template " 555-0142" becomes " I don't know." Encoded with
+    `DataSettings.encode`, only the refusal and the EOS are labelled.
+    """
+    out = frame.copy()
+    answers = [str(a) for a in frame["output"]]
+    out["output"] = [a[: len(a) - len(a.lstrip())] + refusal_for(i, seed, choices) for a, i in zip(answers, frame["id"].astype(str))]
+    return out
+
+
+@register_objective("idk")
+class IDK(_Unlearning):
+    """IDK (TOFU's idk): NLL on a refusal in place of each forget answer, plus the retain NLL.
+
+        loss = w_f · NLL(refusal | forget prompt) + w_r · NLL_r
+
+    The refusals come from `forget_idk` (`with_refusals`); component `idk_nll`.
+    """
+
+    streams = (IDK_STREAM, "retain")
+    weights = ("w_forget", "w_retain")
+
+    def __call__(self, model, batches, reference=None):
+        loss, parts = 0.0, {}
+        if self.settings.w_forget:
+            idk = nll(model, batches[IDK_STREAM])
+            parts["idk_nll"] = idk.detach()
+            loss = self.settings.w_forget * idk
+        return self._retain_nll(model, batches, loss, parts), parts
+
+
+@register_objective("dpo")
+class DPO(_Unlearning):
+    """DPO (Rafailov et al. 2023) preferring a refusal to the forget answer, as OpenUnlearning's IdkDPO, plus the retain NLL.
+
+        loss = w_f · −(2/β) · mean_i log σ(β [(log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))])
+               + w_r · NLL_r
+
+    y_w is the refusal (`forget_idk`), y_l the original answer (`forget`), the same prompt x;
+    log π is summed over the labelled tokens and the reference is the model before unlearning,
+    as in OpenUnlearning's `compute_dpo_loss` (with its −2/β scale, which NPO shares). At the
+    start the loss is (2/β) log 2. Components: `dpo`, `forget_nll`, `idk_nll`.
+    """
+
+    streams = ("forget", IDK_STREAM, "retain")
+    needs_reference = True
+    weights = ("w_forget", "w_retain")
+    temperatures = ("beta",)
+
+    def __call__(self, model, batches, reference=None):
+        reference = self._reference(reference)
+        loss, parts = 0.0, {}
+        if self.settings.w_forget:
+            win, parts["idk_nll"] = log_ratio(model, reference, batches[IDK_STREAM])
+            lose, parts["forget_nll"] = log_ratio(model, reference, batches["forget"])
+            dpo = -(2.0 / self.settings.beta) * F.logsigmoid(self.settings.beta * (win - lose)).mean()
+            parts["dpo"] = dpo.detach()
+            loss = self.settings.w_forget * dpo
+        return self._retain_nll(model, batches, loss, parts), parts
+
+
+# ---------------------------------------------------------------- activations (rmu)
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM: its ModuleList with `config.num_hidden_layers` entries
+    (`model.layers`, `transformer.h`, `gpt_neox.layers`, …)."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise UserError(f"cannot find the {count} transformer blocks of this {type(model).__name__}: objective rmu needs them")
+
+
+def block_output(model, batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output hidden states (B, T, d) of block `layer`, the logits) of one forward pass.
+
+    A forward hook on the block, as WMDP's RMU code; for the last block this is the state
+    before the final norm (HF's `hidden_states[-1]` is after it)."""
+    captured = []
+
+    def hook(module, inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        logits = lm_logits(model, batch)
+    finally:
+        handle.remove()
+    return captured[0], logits
+
+
+def token_mean(per_token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean over its (unpadded) tokens; per_token is (B, T)."""
+    mask = attention_mask.to(per_token.dtype)
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+def _squared_distance(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖hidden − target‖² per token (B, T), in at least float32."""
+    if hidden.dtype in (torch.float16, torch.bfloat16):
+        hidden, target = hidden.float(), target.float()
+    return (hidden - target.to(hidden.dtype)).pow(2).sum(-1)
+
+
+@register_objective("rmu")
+class RMU(_Unlearning):
+    """RMU (Li et al. 2024, WMDP): forget activations of block --rmu-layer steered to c·u, retain activations kept at the original model's.
+
+        loss = w_f · mean_x (1/|x|) Σ_t ‖h_θ(x)_t − c·u‖²  (x forget)  +  α · mean_x (1/|x|) Σ_t ‖h_θ(x)_t − h_ref(x)_t‖²  (x retain)
+
+    h is the output of block ℓ (`rmu_layer`) at every unpadded token of the input, prompt and
+    answer, as the paper averages over the tokens of the input (WMDP's code takes an
+    element-wise MSE instead, which divides both terms by the width d: α and c keep their
+    meaning). u is drawn once, uniform on [0, 1)^d and normalised (seeded by the run's seed);
+    h_ref comes from the reference's `apply` (the swapped original tensors). By default ℓ is the
+    deepest block the mask selects: WMDP steers the deepest of the blocks it trains (7 of 5-7),
+    and parameters above ℓ cannot move h_ℓ. Components: `rmu_forget`, `rmu_retain` (unweighted)
+    and `forget_nll`.
+    """
+
+    needs_reference = True
+    weights = ("w_forget", "rmu_alpha")
+    temperatures = ("steering_coeff",)
+
+    def __init__(self, settings: ObjectiveSettings):
+        super().__init__(settings)
+        if settings.rmu_layer is not None and settings.rmu_layer < 0:
+            raise UserError(f"objective rmu: --rmu-layer {settings.rmu_layer} is negative; give a block index from 0")
+        self.layer: int | None = None
+        self.direction: torch.Tensor | None = None
+
+    def prepare(self, model, mask, seed: int = 0) -> None:
+        """Fix the layer (checked against the model) and draw u; call before training."""
+        blocks = len(decoder_blocks(model))
+        layer = self.settings.rmu_layer
+        if layer is None:
+            selected = [i for i in (layer_index(name) for name in mask.names) if i is not None]
+            layer = max(selected) if selected else 7 * blocks // 32  # no block selected: WMDP's relative depth
+        if not 0 <= layer < blocks:
+            raise UserError(f"objective rmu: --rmu-layer {layer} is out of range: this model has {blocks} blocks, give 0 to {blocks - 1}")
+        above = [name for name in mask.names if layer_index(name) is not None and layer_index(name) > layer]
+        if above:
+            warnings.warn(f"objective rmu steers block {layer}: {len(above)} selected tensors above it (e.g. {above[0]}) get no gradient")
+        generator = torch.Generator().manual_seed(seed)
+        direction = torch.rand(model.config.hidden_size, generator=generator, dtype=torch.float64)
+        self.layer, self.direction = layer, direction / direction.norm()
+
+    def __call__(self, model, batches, reference=None):
+        if self.direction is None:
+            raise ValueError("objective rmu needs prepare(model, mask, seed) before its first call (unlearn_model does it)")
+        s = self.settings
+        loss, parts = 0.0, {}
+        if s.w_forget:
+            batch = batches["forget"]
+            hidden, logits = block_output(model, batch, self.layer)
+            target = (s.steering_coeff * self.direction).to(hidden.device)
+            forget = token_mean(_squared_distance(hidden, target), batch["attention_mask"])
+            parts["rmu_forget"] = forget.detach()
+            parts["forget_nll"] = per_example_loss(logits.detach(), batch["labels"]).mean()
+            loss = s.w_forget * forget
+        if s.rmu_alpha:
+            batch = batches["retain"]
+            original = self._reference(reference).apply(lambda m: block_output(m, batch, self.layer)[0])
+            hidden, _ = block_output(model, batch, self.layer)
+            retain = token_mean(_squared_distance(hidden, original), batch["attention_mask"])
+            parts["rmu_retain"] = retain.detach()
+            loss = loss + s.rmu_alpha * retain
+        return loss, parts
+
+
+# ---------------------------------------------------------------- Sophia's Hessian pass
+
+
+def hessian_streams(objective) -> tuple[str, ...]:
+    """The streams whose labelled positions the GNB pass samples: `objective.hessian_streams`, else all its streams."""
+    return tuple(getattr(objective, "hessian_streams", objective.streams))
+
+
+def gnb_loss(model, batches: Mapping[str, Batch], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """(Σ CE against sampled labels, B) over the labelled positions of `batches` (Sophia's Algorithm 2).
+
+    At every position that predicts a labelled token, a label is drawn from the model's own
+    next-token distribution there (`generator`) and the cross-entropy against it is summed; B
+    counts the positions. The gradient of the sum over B is the GNB's ĝ, and B·ĝ⊙ĝ estimates
+    the diagonal Gauss–Newton matrix of the mean NLL over those positions without bias (the
+    cross-position terms vanish in expectation). This is the curvature the loop gives SophiaG
+    for every objective: the Gauss–Newton of the NLL of the tokens the objective trains on.
+    For the NLL terms (finetune, ga, graddiff, the retain term of npo, simnpo, idk, dpo) it is
+    their exact Gauss–Newton up to their weights and signs. The forget term of graddiff and ga
+    enters with its magnitude: its Gauss–Newton −G_f is negative semi-definite, no square of
+    sampled gradients can estimate it, and as a preconditioner it would make ρ·h ≤ 0 and the
+    step unbounded; |−G_f| = G_f is the saddle-free choice, and the clip bounds the step where
+    the curvature is small. For npo's, dpo's and rmu's forget terms (not NLLs) it is the
+    Fisher metric of the model's predictive distribution on those tokens, the same preconditioner.
+    """
+    total, count = None, 0
+    for batch in batches.values():
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        n = int(mask.sum())
+        if not n:
+            continue
+        logits = lm_logits(model, batch)[:, :-1][mask]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(1)
+        part = F.cross_entropy(logits, sampled, reduction="sum")
+        total = part if total is None else total + part
+        count += n
+    return (total if total is not None else torch.zeros(())), count

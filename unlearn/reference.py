@@ -8,12 +8,14 @@ everything does `make_reference` fall back to `CopyReference`, a full deep copy.
 Build the reference from the model as it is BEFORE unlearning (on resume: before loading
 the checkpoint's changed tensors). The reference forward runs in eval mode (no dropout)
 and without grad; it leaves the model's parameters, and its train/eval modes, as they were.
+`logits(batch)` serves KL, NPO and DPO; `apply(fn)` evaluates any `fn(model)` on the original
+model (RMU's activations of a block).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -50,16 +52,21 @@ class SwapReference:
         return value
 
     @torch.no_grad()
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """`fn(model)` with the original values swapped in, in eval mode and without grad."""
         current = [param.data for param, _ in self._params]
         try:
             for param, original in self._params:
                 param.data = original
             with eval_mode(self.model):
-                return lm_logits(self.model, batch).detach()
+                return fn(self.model)
         finally:
             for (param, _), data in zip(self._params, current):
                 param.data = data
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.apply(lambda model: lm_logits(model, batch).detach())
 
 
 class CopyReference:
@@ -69,6 +76,11 @@ class CopyReference:
         self.model = copy.deepcopy(model).eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
+
+    @torch.no_grad()
+    def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """`fn(copy)` on the frozen copy, without grad."""
+        return fn(self.model)
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:

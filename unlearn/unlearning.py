@@ -10,10 +10,13 @@ Which parameters may change comes from one of
   whole tensors (exclude-only: everything but those);
 - nothing: every parameter.
 
-Outside the mask nothing moves (`MaskedParameters`); KL and NPO compare with the model as it
-was before unlearning, through a swap of the selected tensors (`make_reference`), built
-before any checkpoint is loaded. Each step draws one forget batch (the forget stream
-defines the epochs) and one retain batch (cycled, with its own shuffle).
+Outside the mask nothing moves (`MaskedParameters`); KL, NPO, DPO and RMU compare with the
+model as it was before unlearning, through a swap of the selected tensors (`make_reference`),
+built before any checkpoint is loaded. Each step draws one forget batch (the forget stream
+defines the epochs) and one retain batch (cycled, with its own shuffle). Objectives that train
+on refusals (idk, dpo) also get `forget_idk`: the forget split with each answer replaced by a
+refusal (`unlearn.objectives.with_refusals`, chosen by (seed, row id)), shuffled like `forget`
+so both streams hold the same rows at every step.
 
 `--out` receives the unlearned model (`save_pretrained` + tokenizer), `log.jsonl` (every
 loss component each step, evaluation rows as `eval/...`), `eval.jsonl` (evaluation rows,
@@ -48,7 +51,7 @@ from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
 from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
 from unlearn.masking import MaskedParameters
-from unlearn.objectives import OBJECTIVES, ObjectiveSettings, get_objective
+from unlearn.objectives import IDK_STREAM, OBJECTIVES, ObjectiveSettings, get_objective, unlearns, with_refusals
 from unlearn.reference import make_reference
 
 EVAL_FILE = "eval.jsonl"
@@ -208,17 +211,21 @@ def unlearn_model(
     its rows are also in the result's `evals`.
     """
     unlearning = get_objective(objective, weights)
-    if "forget" not in unlearning.streams:
+    if not unlearns(unlearning):
         raise UserError(f"objective {objective} does not unlearn (it has no forget term): use one of "
-                        f"{', '.join(n for n, o in OBJECTIVES.items() if 'forget' in o.streams)}")
+                        f"{', '.join(n for n, o in OBJECTIVES.items() if unlearns(o))}")
     mask = Mask.full(model, {"source": "all"}) if mask is None else mask
     mask.check_fits(model)
+    prepare_objective(unlearning, model, mask, train.seed)
     pad = pad_id(tokenizer)
     encoded = {"forget": data.encode(forget, tokenizer), "retain": data.encode(retain, tokenizer)}
     streams = {
         "forget": BatchStream(encoded["forget"], train.batch_size, pad, seed=train.seed),
         "retain": BatchStream(encoded["retain"], train.batch_size, pad, seed=train.seed + 1),
     }
+    if IDK_STREAM in unlearning.streams:  # the same rows as `forget` at every step: same length, same seed
+        streams[IDK_STREAM] = BatchStream(data.encode(with_refusals(forget, seed=train.seed), tokenizer), train.batch_size, pad,
+                                          seed=train.seed)
     train = train.resolve_steps(streams["forget"].batches_per_epoch)
     device = device_of(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -258,6 +265,14 @@ def unlearn_model(
                          reference=type(reference).__name__ if reference is not None else None)
 
 
+def prepare_objective(objective, model, mask: Mask, seed: int) -> None:
+    """Let an objective that needs the model and the mask (RMU) fix itself before training; its
+    mistakes (a layer out of range) surface here, before anything is written."""
+    prepare = getattr(objective, "prepare", None)
+    if prepare is not None:
+        prepare(model, mask, seed=seed)
+
+
 def _on_device(stream: BatchStream, device) -> Callable[[int], dict]:
     return lambda index: to_device(stream(index), device)
 
@@ -277,11 +292,12 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
     out = Path(s.out)
     # ---- check everything the user gave, before writing anything
     _check_sources(s)
-    get_objective(s.objective, s.weights)
+    objective = get_objective(s.objective, s.weights)
     tokenizer = s.model.load_tokenizer()
     frames = {"forget": s.input.read(s.forget), "retain": s.input.read(s.retain)}
     model = s.model.load(tokenizer, seed=s.train.seed)
     mask = build_mask(model, s)
+    prepare_objective(objective, model, mask, s.train.seed)
     check_out_dir(out, resume=s.resume, overwrite=s.overwrite)
     if s.resume and (out / TENSORS_FILE).is_file():
         if not same_mask(load_mask(out), mask):
