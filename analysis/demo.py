@@ -1,21 +1,35 @@
-"""`soir demo`: the whole study on the built-in testbed, end to end on a laptop CPU.
+"""`soir demo`: the whole localized-unlearning study on the built-in testbed, on a laptop CPU.
 
-So far: build the testbed (splits + tokenizer), train the base model on `general`, finetune
-it on `forget` + `retain`, train the retain-only oracle (the base model finetuned on `retain`
-alone, same recipe: the reference for TOFU forget quality), report teacher-forced answer
-accuracy of every model on every split, and evaluate each (`analysis.evaluate`: SemEval
-metrics, MIA with `holdout` as non-members, MMLU-style accuracy on `general_mc`, forget
-quality against the oracle) into eval/<model>/. Then the localized unlearning study: rank the
-finetuned model's tensors by `soir` (and, as the control, `random`), select the top 10% of
-parameters by each, unlearn with GradDiff on those alone, and evaluate the unlearned models
-beside the others.
+Stages, each cached by its inputs (a re-run reuses finished stages; an interrupted run continues
+with the first unfinished one; a damaged output is redone):
+
+1. `data`: the testbed splits and tokenizer (`soir.synth`);
+2. `base`: a tiny OLMo trained on `pretrain` (general facts and the Task3 "real" documents);
+3. `finetuned`: the base finetuned on forget + retain, their extra phrasings, and `general` replayed
+   (so general ability is kept, as real finetuning keeps it);
+4. `oracle`: the base finetuned the same way on retain alone (what unlearning should approach);
+5. `shift`: base → finetuned parameter shift;
+6. `rankings`: the finetuned model's tensors ranked by `soir` and every baseline; their agreement;
+7. `unlearning`: masked unlearning on the top `top` of parameters by `soir` and by `random`, and on
+   the full model, with each method;
+8. `evaluation`: every model evaluated (SemEval, MIA, MMLU-style, TOFU forget quality);
+9. `curves`: each layer unlearned alone (the layer-robustness curves and Pareto front);
+10. `probes`: robustness probes (relearning, quantization) of the unlearned models;
+11. `report`: `report.md` with the figures and a paragraph that reads the results.
+
+Each stage prints one line with its time and the time expected on a 2-core machine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -26,82 +40,108 @@ from soir.synth import SynthSettings, write_testbed
 from unlearn.finetune import FinetuneSettings, finetune
 from unlearn.loop import TrainSettings
 
+STUDY_VERSION = 2  # bump when a stage's code changes what it writes: every cached stage is redone
+RECORDS = ".stages"
+SPLITS = ("forget", "retain", "holdout", "general")
+
+
+# ---------------------------------------------------------------- recipes
+
 
 @dataclass(frozen=True)
 class TestbedRecipe:
-    """Sizes and schedules of the testbed build; the defaults memorise in a few CPU minutes."""
+    """Sizes and schedules of the testbed build: the model memorises forget and retain, keeps its
+    general ability, and answers held-out paraphrases."""
 
     synth: SynthSettings = field(default_factory=SynthSettings)
-    size: TinySize = field(default_factory=TinySize)
-    base_steps: int = 150
-    finetune_steps: int = 500
+    size: TinySize = field(default_factory=lambda: TinySize(hidden=128, layers=3, heads=4, intermediate=512))
+    base_steps: int = 400
+    base_lr: float = 3e-3
+    finetune_epochs: float = 20.0
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
 
     @classmethod
     def quick(cls, seed: int = 0) -> "TestbedRecipe":
-        """A reduced build for tests and `--quick`: fewer people, a narrower model, fewer steps."""
-        synth = SynthSettings(seed=seed, people_forget=2, people_retain=4, people_holdout=2, docs_forget=1, docs_retain=1, docs_holdout=1, vocab_size=512)
-        return cls(synth=synth, size=TinySize(hidden=64, layers=2, heads=4, intermediate=256), base_steps=40, finetune_steps=200, seed=seed)
+        """A reduced build for `--quick` and the tests: fewer subjects, a narrower model."""
+        synth = SynthSettings(seed=seed, people_forget=10, people_retain=10, people_holdout=10, docs_forget=2, docs_retain=2, docs_holdout=2,
+                              real_forget=2, real_retain=2, real_holdout=2, vocab_size=768)
+        return cls(synth=synth, size=TinySize(hidden=64, layers=2, heads=4, intermediate=256), base_steps=300, base_lr=1e-2,
+                   finetune_epochs=40.0, seed=seed)
+
+    @classmethod
+    def smallest(cls, seed: int = 0) -> "TestbedRecipe":
+        """The smallest build that still runs every stage (the demo's own test)."""
+        synth = SynthSettings(seed=seed, people_forget=3, people_retain=3, people_holdout=3, docs_forget=1, docs_retain=1, docs_holdout=1,
+                              real_forget=1, real_retain=1, real_holdout=1, vocab_size=400)
+        return cls(synth=synth, size=TinySize(hidden=32, layers=2, heads=4, intermediate=64), base_steps=20, finetune_epochs=3.0, seed=seed)
+
+    def finetune_data(self, data: Path) -> tuple[str, ...]:
+        return tuple(str(data / f"{name}.parquet") for name in ("forget", "retain", "forget_phrasings", "retain_phrasings", "general"))
+
+    def oracle_data(self, data: Path) -> tuple[str, ...]:
+        return tuple(str(data / f"{name}.parquet") for name in ("retain", "retain_phrasings", "general"))
 
 
 @dataclass(frozen=True)
-class UnlearnRecipe:
-    """The demo's localized unlearning: one run per ranking score, equal parameter budgets."""
+class StudyRecipe:
+    """What the study ranks, unlearns and probes on top of the testbed."""
 
-    scores: tuple[str, ...] = ("soir", "random")
-    top: float = 0.1  # fraction of parameters, filled in rank order
-    objective: str = "graddiff"
-    steps: int = 100
-    lr: float = 1e-2
+    testbed: TestbedRecipe = field(default_factory=TestbedRecipe)
+    scores: tuple[str, ...] = ("soir", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random")
+    masks: tuple[str, ...] = ("soir", "random", "full")  # top `top` of parameters by these rankings, and the full model
+    methods: tuple[str, ...] = ("graddiff", "npo")
+    top: float = 0.1
+    unlearn_steps: int = 100
+    unlearn_lr: float = 1e-2
     w_retain: float = 5.0
-    seed: int = 0
+    curve_steps: int = 30
+    curve_every: int = 5
+    relearn_steps: int = 20
+    quantize_bits: tuple[int, ...] = (8, 4)
+    max_new_tokens: int = 80
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "StudyRecipe":
+        return cls(testbed=TestbedRecipe.quick(seed), scores=("soir", "grad-magnitude", "shift", "random"), methods=("graddiff",),
+                   unlearn_steps=60, curve_steps=20, relearn_steps=10)
+
+    @classmethod
+    def smallest(cls, seed: int = 0) -> "StudyRecipe":
+        return cls(testbed=TestbedRecipe.smallest(seed), scores=("soir", "random"), methods=("graddiff",), top=0.3, unlearn_steps=4,
+                   curve_steps=2, curve_every=1, relearn_steps=2, quantize_bits=(8,), max_new_tokens=16)
 
 
-SPLITS = ("forget", "retain", "holdout", "general")
+# ---------------------------------------------------------------- the testbed
 
 
-def build_testbed(out: str | Path, recipe: TestbedRecipe = TestbedRecipe(), progress: bool = True) -> dict[str, Path]:
-    """Write data/, base/, finetuned/ and oracle/ (base finetuned on `retain` only) under `out`; return their paths."""
+def build_testbed(out: str | Path, recipe: TestbedRecipe = TestbedRecipe(), progress: bool = True, oracle_seeds: tuple[int, ...] = ()) -> dict[str, Path]:
+    """Write data/, base/, finetuned/ and oracle/ under `out` (and oracle-<seed>/ for each of
+    `oracle_seeds`: the same oracle recipe with another seed); return their paths."""
     out = Path(out)
-    data = out / "data"
-    write_testbed(data, recipe.synth)
-    train = TrainSettings(steps=recipe.base_steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress)
-    tiny = ModelSettings("tiny:olmo", tokenizer=str(data / "tokenizer"), size=recipe.size)
-    finetune(FinetuneSettings(model=tiny, data=(str(data / "general.parquet"),), out=str(out / "base"), train=train, overwrite=True))
-    train = TrainSettings(steps=recipe.finetune_steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress)
-    base = ModelSettings(str(out / "base"))
-    member_data = (str(data / "forget.parquet"), str(data / "retain.parquet"))
-    finetune(FinetuneSettings(model=base, data=member_data, out=str(out / "finetuned"), train=train, overwrite=True))
-    finetune(FinetuneSettings(model=base, data=(str(data / "retain.parquet"),), out=str(out / "oracle"), train=train, overwrite=True))
-    return {"data": data, "base": out / "base", "finetuned": out / "finetuned", "oracle": out / "oracle"}
+    paths = {"data": out / "data", "base": out / "base", "finetuned": out / "finetuned", "oracle": out / "oracle"}
+    write_testbed(paths["data"], recipe.synth)
+    for name in ("base", "finetuned", "oracle"):
+        train_model(name, paths, recipe, progress)
+    for seed in oracle_seeds:
+        paths[f"oracle-{seed}"] = out / f"oracle-{seed}"
+        train_model("oracle", paths, replace(recipe, seed=seed), progress, out=paths[f"oracle-{seed}"])
+    return paths
 
 
-def localized_unlearning(paths: dict[str, Path], out: Path, recipe: UnlearnRecipe = UnlearnRecipe(), progress: bool = True) -> dict[str, Path]:
-    """Rank, select and unlearn once per score; return the unlearned model directories by label."""
-    from soir.ranking import RankSettings, rank
-    from soir.select import SelectSettings, select
-    from unlearn.objectives import ObjectiveSettings
-    from unlearn.unlearning import UnlearnSettings, unlearn
-
+def train_model(name: str, paths: dict[str, Path], recipe: TestbedRecipe, progress: bool, out: Path | None = None) -> None:
+    """Train the testbed's `base`, `finetuned` or `oracle` model into `out` (default: paths[name])."""
     data = paths["data"]
-    tokenizer = load_tokenizer(data / "tokenizer")
-    model = load_model(paths["finetuned"], tokenizer, eager_attention=True)
-    forget, retain = (encode(read_split(data / f"{split}.parquet"), tokenizer) for split in ("forget", "retain"))
-    unlearned = {}
-    for score in recipe.scores:
-        ranking = rank(model, forget, retain, pad_id(tokenizer), RankSettings(score=score, seed=recipe.seed), progress=progress)
-        ranking.save(out / "rankings" / score)
-        mask_dir = select(ranking, model, SelectSettings(top=recipe.top, by="params")).save(out / "masks" / score)
-        target = out / f"unlearned-{score}"
-        unlearn(UnlearnSettings(
-            model=ModelSettings(str(paths["finetuned"]), dtype="float32"), forget=(str(data / "forget.parquet"),), retain=(str(data / "retain.parquet"),),
-            out=str(target), objective=recipe.objective, weights=ObjectiveSettings(w_retain=recipe.w_retain), mask=str(mask_dir),
-            train=TrainSettings(steps=recipe.steps, lr=recipe.lr, seed=recipe.seed, progress=progress), overwrite=True,
-        ))
-        unlearned[f"unlearned-{score}"] = target
-    return unlearned
+    train = TrainSettings(batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress)
+    if name == "base":
+        model = ModelSettings("tiny:olmo", tokenizer=str(data / "tokenizer"), size=recipe.size)
+        settings = FinetuneSettings(model=model, data=(str(data / "pretrain.parquet"),), out="",
+                                    train=replace(train, steps=recipe.base_steps, lr=recipe.base_lr))
+    else:
+        files = recipe.finetune_data(data) if name == "finetuned" else recipe.oracle_data(data)
+        settings = FinetuneSettings(model=ModelSettings(str(paths["base"])), data=files, out="", train=replace(train, epochs=recipe.finetune_epochs))
+    finetune(replace(settings, out=str(out or paths[name]), overwrite=True))
 
 
 def accuracy_table(models: dict[str, Path], data: Path) -> pd.DataFrame:
@@ -116,11 +156,192 @@ def accuracy_table(models: dict[str, Path], data: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).pivot(index="model", columns="split", values="answer_accuracy")[list(SPLITS)]
 
 
+# ---------------------------------------------------------------- stages, cached by their inputs
+
+
+def intact(path: Path) -> bool:
+    """Whether a stage output exists and every file the toolkit wrote in it reads back (safetensors
+    headers that cover their file, parquet footers, JSON)."""
+    if not path.exists():
+        return False
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    try:
+        for file in files:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                pq.read_metadata(file)
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class Stage:
+    """One step of the study: what it writes, what it depends on, how long it is expected to take."""
+
+    name: str
+    run: Callable[[], dict | None]
+    outputs: tuple[Path, ...]
+    inputs: dict
+    upstream: tuple[str, ...] = ()
+    expected_s: float = 0.0
+
+
+class Study:
+    """Runs stages in order, reusing a stage whose inputs (its settings and its upstream stages'
+    keys) are unchanged and whose outputs are intact."""
+
+    def __init__(self, out: Path, total: int, echo: Callable[[str], None] = print):
+        self.out, self.total, self.echo = out, total, echo
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+        self.done = 0
+
+    def key(self, stage: Stage) -> str:
+        text = json.dumps({"stage": stage.name, "inputs": stage.inputs, "upstream": [self.keys[u] for u in stage.upstream],
+                           "version": STUDY_VERSION}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def run(self, stage: Stage) -> dict:
+        self.done += 1
+        key = self.key(stage)
+        record_path = self.out / RECORDS / f"{stage.name}.json"
+        record = _read_json(record_path)
+        label = f"[{self.done:>2}/{self.total}] {stage.name:<11}"
+        if record and record.get("key") == key and all(intact(p) for p in stage.outputs):
+            self.keys[stage.name], self.results[stage.name], self.seconds[stage.name] = key, record.get("result") or {}, 0.0
+            self.echo(f"{label} reused (took {record['seconds']:.0f} s when it ran)")
+            return self.results[stage.name]
+        for path in stage.outputs:  # a stale or damaged output is redone from scratch
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        record_path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        result = stage.run() or {}
+        seconds = time.perf_counter() - start
+        write_json(record_path, {"key": key, "seconds": seconds, "result": result, "inputs": stage.inputs})
+        self.keys[stage.name], self.results[stage.name], self.seconds[stage.name] = key, result, seconds
+        expected = f" (expected ~{stage.expected_s:.0f} s)" if stage.expected_s else ""
+        self.echo(f"{label} {seconds:5.0f} s{expected}")
+        return result
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def unlearned_name(method: str, mask: str) -> str:
+    return f"{method}-{mask}"
+
+
+def stages(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> list[Stage]:
+    """The study's stages in order (see the module docstring)."""
+    t = recipe.testbed
+    data = paths["data"]
+    testbed = asdict(t)
+    unlearned = [unlearned_name(m, k) for m in recipe.methods for k in recipe.masks]
+    return [
+        Stage("data", lambda: write_testbed(data, t.synth) and None, (data,), asdict(t.synth)),
+        Stage("base", lambda: train_model("base", paths, t, progress), (paths["base"],), testbed, ("data",)),
+        Stage("finetuned", lambda: train_model("finetuned", paths, t, progress), (paths["finetuned"],), testbed, ("base",)),
+        Stage("oracle", lambda: train_model("oracle", paths, t, progress), (paths["oracle"],), testbed, ("base",)),
+        Stage("shift", lambda: shift_stage(out, paths, progress), (out / "shift",), {}, ("finetuned",)),
+        Stage("rankings", lambda: rankings_stage(out, paths, recipe, progress), (out / "rankings", out / "compare"),
+              {"scores": recipe.scores, "top": recipe.top}, ("finetuned",)),
+        Stage("unlearning", lambda: unlearning_stage(out, paths, recipe, progress), tuple(out / "unlearned" / n for n in unlearned),
+              {k: getattr(recipe, k) for k in ("masks", "methods", "top", "unlearn_steps", "unlearn_lr", "w_retain")}, ("rankings",)),
+        Stage("evaluation", lambda: evaluation_stage(out, paths, recipe, unlearned, progress), (out / "eval",),
+              {"models": unlearned, "max_new_tokens": recipe.max_new_tokens}, ("unlearning", "oracle")),
+        Stage("curves", lambda: curves_stage(out, paths, recipe, progress), (out / "curves",),
+              {k: getattr(recipe, k) for k in ("curve_steps", "curve_every", "unlearn_lr", "w_retain")}, ("finetuned", "oracle")),
+        Stage("probes", lambda: probes_stage(out, paths, recipe, progress), (out / "probes",),
+              {k: getattr(recipe, k) for k in ("relearn_steps", "quantize_bits", "max_new_tokens")}, ("unlearning",)),
+        Stage("report", lambda: write_report(out, recipe), (out / "report.md", out / "figures"), {},
+              ("shift", "rankings", "evaluation", "curves", "probes")),
+    ]
+
+
+def shift_stage(out: Path, paths: dict[str, Path], progress: bool) -> dict:
+    from analysis.shift import ShiftSettings, parameter_shift, write_shift
+
+    table = parameter_shift(paths["base"], paths["finetuned"], ShiftSettings(progress=progress))
+    write_shift(out / "shift", table, {"base": str(paths["base"]), "finetuned": str(paths["finetuned"])})
+    return {}
+
+
+def _splits(data: Path) -> dict[str, pd.DataFrame]:
+    return {name: read_split(data / f"{name}.parquet") for name in ("forget", "retain", "holdout")}
+
+
+def rankings_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> dict:
+    """Every score's ranking of the finetuned model's tensors, their agreement, and what each selects."""
+    from analysis.compare import compare_rankings, rank_table, write_comparison
+    from soir.ranking import RankSettings, rank
+    from soir.select import SelectSettings, select
+
+    data = paths["data"]
+    tokenizer = load_tokenizer(data / "tokenizer")
+    model = load_model(paths["finetuned"], tokenizer, eager_attention=True)
+    base = load_model(paths["base"], tokenizer, eager_attention=True)
+    frames = _splits(data)
+    forget, retain = (encode(frames[s], tokenizer) for s in ("forget", "retain"))
+    rankings, selections = {}, {}
+    for score in recipe.scores:
+        ranking = rank(model, forget, retain, pad_id(tokenizer), RankSettings(score=score, seed=recipe.testbed.seed),
+                       base_model=base if score == "shift" else None, progress=progress)
+        ranking.save(out / "rankings" / score)
+        rankings[score] = ranking
+        selections[score] = select(ranking, model, SelectSettings(top=recipe.top, by="params")).settings["groups"]
+    (out / "compare").mkdir(parents=True, exist_ok=True)
+    write_comparison(out / "compare", compare_rankings(rankings), rank_table(rankings), pair=("soir", "random"))
+    distinct = len({tuple(sorted(groups)) for groups in selections.values()})
+    write_json(out / "rankings" / "selections.json", {"top": recipe.top, "by": "params", "selections": selections, "distinct": distinct})
+    return {"distinct_selections": distinct, "n_groups": int(len(next(iter(rankings.values())).table))}
+
+
+def unlearning_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> dict:
+    """Masked unlearning of the finetuned model on each mask with each method."""
+    from soir.select import SelectSettings
+    from unlearn.objectives import ObjectiveSettings
+    from unlearn.unlearning import UnlearnSettings, unlearn
+
+    data = paths["data"]
+    train = TrainSettings(steps=recipe.unlearn_steps, lr=recipe.unlearn_lr, eval_every=max(1, recipe.unlearn_steps // 5),
+                          seed=recipe.testbed.seed, progress=progress)
+    results = {}
+    for method in recipe.methods:
+        for mask in recipe.masks:
+            source = {} if mask == "full" else {"ranking": str(out / "rankings" / mask), "selection": SelectSettings(top=recipe.top, by="params")}
+            name = unlearned_name(method, mask)
+            result = unlearn(UnlearnSettings(
+                model=ModelSettings(str(paths["finetuned"]), dtype="float32"), forget=(str(data / "forget.parquet"),),
+                retain=(str(data / "retain.parquet"),), out=str(out / "unlearned" / name), objective=method,
+                weights=ObjectiveSettings(w_retain=recipe.w_retain), train=train, overwrite=True, **source))
+            results[name] = {"final_loss": result.final_loss, "seconds": result.seconds}
+    return results
+
+
 EVAL_COLUMNS = {
     "forget regurgitation": "forget/regurgitation",
     "forget knowledge": "forget/knowledge",
     "retain regurgitation": "retain/regurgitation",
     "retain knowledge": "retain/knowledge",
+    "forget accuracy": "forget/accuracy",
+    "retain accuracy": "retain/accuracy",
     "paraphrased forget EM": "forget/paraphrased_exact_match",
     "task aggregate": "task_aggregate",
     "MIA AUC": "mia_auc",
@@ -132,89 +353,148 @@ EVAL_COLUMNS = {
 }
 
 
-def evaluation_table(models: dict[str, Path], data: Path, out: Path, oracle: str = "oracle", progress: bool = True) -> pd.DataFrame:
-    """`analysis.evaluate` of each model on the testbed, written to out/<model>/; the headline numbers as a table.
+def evaluation_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, unlearned: list[str], progress: bool) -> dict:
+    """`analysis.evaluate` of every model into eval/<model>/; the headline numbers in eval/summary.parquet.
 
-    Forget quality compares each model's forget truth ratios with those of `models[oracle]`
-    (evaluated first; its own forget quality is 1 by definition).
-    """
+    Forget quality compares each model's forget truth ratios with the oracle's (evaluated first)."""
     from analysis.evaluate import EvalSettings, evaluate, write_evaluation
     from analysis.generation import GenerationSettings
     from analysis.metrics import ScoreSettings, forget_quality
     from analysis.mmlu import MMLUSettings
+    from soir.io import write_parquet
 
+    data = paths["data"]
     tokenizer = load_tokenizer(data / "tokenizer")
-    splits = {name: read_split(data / f"{name}.parquet") for name in ("forget", "retain")}
-    holdout = read_split(data / "holdout.parquet")
+    frames = _splits(data)
     settings = EvalSettings(
-        generation=GenerationSettings(max_new_tokens=80, batch_size=32, progress=progress),
-        scoring=ScoreSettings(batch_size=32, progress=progress),
+        generation=GenerationSettings(max_new_tokens=recipe.max_new_tokens, batch_size=64, progress=progress),
+        scoring=ScoreSettings(batch_size=64, progress=progress),
         mmlu=MMLUSettings(prompt="{question}", batch_size=64, progress=progress),  # as the general split is trained
         progress=progress,
     )
-    order = sorted(models, key=lambda name: name != oracle)
+    models = {"oracle": paths["oracle"], "base": paths["base"], "finetuned": paths["finetuned"],
+              **{name: out / "unlearned" / name for name in unlearned}}
     reference, rows = None, {}
-    for name in order:
-        model = load_model(models[name], tokenizer)
-        metrics, per_example = evaluate(model, tokenizer, splits, holdout=holdout, mmlu=data / "general_mc.parquet", oracle=reference, settings=settings)
-        if name == oracle:
+    for name, path in models.items():
+        model = load_model(path, tokenizer)
+        metrics, per_example = evaluate(model, tokenizer, {"forget": frames["forget"], "retain": frames["retain"]}, holdout=frames["holdout"],
+                                        mmlu=data / "general_mc.parquet", oracle=reference, settings=settings)
+        if name == "oracle":
             reference = per_example[per_example["split"] == "forget"]
             ratios = reference["truth_ratio"].to_numpy(dtype=float)
             metrics["forget_quality"] = forget_quality(ratios, ratios)
-        write_evaluation(out / name, metrics, per_example)
-        rows[name] = {label: metrics.get(key) for label, key in EVAL_COLUMNS.items()}
-    return pd.DataFrame.from_dict(rows, orient="index").reindex(list(models)).astype(float)
+        write_evaluation(out / "eval" / name, metrics, per_example)
+        rows[name] = {"model": name, **{label: metrics.get(key) for label, key in EVAL_COLUMNS.items()}}
+    order = ["base", "finetuned", "oracle", *unlearned]
+    write_parquet(out / "eval" / "summary.parquet", pd.DataFrame([rows[n] for n in order]))
+    return {}
+
+
+def curves_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> dict:
+    from analysis.curves import CurveSettings, layer_curves, write_curves
+    from unlearn.objectives import ObjectiveSettings
+
+    data = paths["data"]
+    tokenizer = load_tokenizer(data / "tokenizer")
+    frames = _splits(data)
+    train = TrainSettings(steps=recipe.curve_steps, eval_every=recipe.curve_every, lr=recipe.unlearn_lr, warmup=0, progress=False,
+                          seed=recipe.testbed.seed)
+    settings = CurveSettings(by="layer", objective="graddiff", weights=ObjectiveSettings(w_retain=recipe.w_retain), train=train)
+    curves = layer_curves(load_model(paths["finetuned"], tokenizer), tokenizer, frames["forget"], frames["retain"], settings,
+                          out=out / "curves", oracle=load_model(paths["oracle"], tokenizer), progress=progress)
+    write_curves(out / "curves", curves)
+    return {}
+
+
+def probes_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> dict:
+    """The relearning attack and the quantization probe on each unlearned model of the first method."""
+    from analysis.quantize import QuantizeSettings, quantize_probe
+    from analysis.relearn import RelearnSettings, relearn_attack
+    from soir.io import write_parquet
+
+    data = paths["data"]
+    tokenizer = load_tokenizer(data / "tokenizer")
+    frames = _splits(data)
+    rows = []
+    for mask in recipe.masks:
+        name = unlearned_name(recipe.methods[0], mask)
+        settings = RelearnSettings(steps=recipe.relearn_steps, seed=recipe.testbed.seed, max_new_tokens=recipe.max_new_tokens, progress=progress)
+        result = relearn_attack(out / "unlearned" / name, tokenizer, frames["forget"], settings=settings)
+        write_json(out / "probes" / f"relearn-{name}.json", result)
+        held = result["held_out"]
+        rows.append({"model": name, "probe": f"relearn ({recipe.relearn_steps} steps)", "forget accuracy before": held["before"]["accuracy"],
+                     "forget accuracy after": held["after"]["accuracy"], "retain accuracy before": math.nan, "retain accuracy after": math.nan,
+                     "forget knowledge before": held["before"]["knowledge"], "forget knowledge after": held["after"]["knowledge"]})
+        model = load_model(out / "unlearned" / name, tokenizer)
+        for bits in recipe.quantize_bits:
+            result = quantize_probe(model, tokenizer, frames["forget"], frames["retain"],
+                                    QuantizeSettings(bits=bits, max_new_tokens=recipe.max_new_tokens, progress=progress))
+            write_json(out / "probes" / f"quantize{bits}-{name}.json", result)
+            before, after = result["before"], result["after"]
+            rows.append({"model": name, "probe": f"quantize {bits}-bit", "forget accuracy before": before["forget"]["accuracy"],
+                         "forget accuracy after": after["forget"]["accuracy"], "retain accuracy before": before["retain"]["accuracy"],
+                         "retain accuracy after": after["retain"]["accuracy"], "forget knowledge before": before["forget"]["knowledge"],
+                         "forget knowledge after": after["forget"]["knowledge"]})
+    write_parquet(out / "probes" / "summary.parquet", pd.DataFrame(rows))
+    return {}
+
+
+def write_report(out: Path, recipe: StudyRecipe) -> dict:
+    from analysis.report import write_report as write
+
+    return write(out, recipe)
+
+
+# expected seconds per stage on a quiet 2-core machine (measured with `soir demo` and `soir demo --quick`)
+EXPECTED = {
+    "default": {"data": 5, "base": 25, "finetuned": 110, "oracle": 75, "shift": 3, "rankings": 60, "unlearning": 70, "evaluation": 110,
+                "curves": 70, "probes": 45, "report": 5},
+    "quick": {"data": 3, "base": 8, "finetuned": 20, "oracle": 12, "shift": 2, "rankings": 8, "unlearning": 10, "evaluation": 15,
+              "curves": 10, "probes": 8, "report": 4},
+}
+
+
+def study(out: str | Path, recipe: StudyRecipe = StudyRecipe(), progress: bool = True, expected: dict | None = None,
+          echo: Callable[[str], None] = print) -> dict:
+    """Run (or continue) the whole study into `out`; return the report's numbers."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"data": out / "data", "base": out / "base", "finetuned": out / "finetuned", "oracle": out / "oracle"}
+    expected = expected or {}
+    plan = stages(out, paths, recipe, progress)
+    runner = Study(out, len(plan), echo)
+    for stage in plan:
+        stage.expected_s = expected.get(stage.name, 0.0)
+        runner.run(stage)
+    return {"seconds": runner.seconds, "results": runner.results}
+
+
+# ---------------------------------------------------------------- the command
 
 
 def demo_arguments(p) -> None:
     from soir.flags import add_common, add_progress
 
-    add_common(p, "directory for every artifact of the study")
-    p.add_argument("--quick", action="store_true", help="a reduced testbed that runs in well under a minute")
+    add_common(p, "directory for every artifact of the study (an earlier run there is continued)")
+    p.add_argument("--quick", action="store_true", help="a reduced testbed and study (about 2 minutes on 2 cores)")
+    p.add_argument("--redo", action="store_true", help="run every stage again instead of reusing finished ones")
     add_progress(p)
 
 
 def run(args) -> int:
-    """The whole study on the built-in testbed: build the testbed (data, tokenizer), train the base model
-    on `general`, finetune it on forget + retain, rank, unlearn and evaluate, and write report.md."""
-    out = check_out_dir(args.out, "demo.json")
-    recipe = TestbedRecipe.quick(args.seed) if args.quick else TestbedRecipe(synth=SynthSettings(seed=args.seed), seed=args.seed)
+    """The whole localized-unlearning study on the built-in testbed: build the testbed (data, tokenizer,
+    a base model, its finetuned model and a retain-only oracle), measure the parameter shift, rank the
+    finetuned model's tensors by soir and every baseline, unlearn the top 10% of parameters by soir, by
+    random and the full model, evaluate every model, draw the layer-robustness curves, probe the
+    unlearned models (relearning, quantization), and write report.md with its figures. Finished
+    stages are reused when run again (and an interrupted run continues); --redo runs them all."""
+    out = check_out_dir(args.out, "report.md", resume=(Path(args.out) / RECORDS).is_dir())
+    if args.redo:
+        shutil.rmtree(out / RECORDS, ignore_errors=True)
+    recipe = StudyRecipe.quick(args.seed) if args.quick else StudyRecipe(testbed=TestbedRecipe(synth=SynthSettings(seed=args.seed), seed=args.seed))
     start = time.perf_counter()
-    paths = build_testbed(out, recipe, progress=not args.no_progress)
-    build_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    unlearned = localized_unlearning(paths, out, UnlearnRecipe(seed=args.seed), progress=not args.no_progress)
-    unlearn_seconds = time.perf_counter() - start
-    models = {"base": paths["base"], "finetuned": paths["finetuned"], "oracle": paths["oracle"], **unlearned}
-    paths = {**paths, **unlearned}
-    table = accuracy_table(models, paths["data"])
-    start = time.perf_counter()
-    evaluation = evaluation_table(models, paths["data"], out / "eval", progress=not args.no_progress)
-    eval_seconds = time.perf_counter() - start
-    (out / "report.md").write_text(
-        "# SOIR demo\n\n## Testbed\n\n"
-        f"Built in {build_seconds:.0f} s (synth, tokenizer, base, finetune, retain-only oracle).\n\n"
-        f"## Localized unlearning\n\nRanked the finetuned model's tensors by `soir` and by `random`, selected the top "
-        f"{UnlearnRecipe.top:.0%} of parameters by each (rankings/, masks/), and unlearned with GradDiff on those alone "
-        f"(unlearned-<score>/; {unlearn_seconds:.0f} s in all).\n\n"
-        "Teacher-forced answer-token accuracy:\n\n" + table.to_markdown(floatfmt=".3f") + "\n\n"
-        "## Evaluation\n\n"
-        f"`soir evaluate` of each model ({eval_seconds:.0f} s; eval/<model>/metrics.json and per_example.parquet): "
-        "regurgitation is ROUGE-L recall of greedy completions, knowledge is QA exact match, MIA uses the holdout "
-        "as non-members (LOSS attack; MIA score 1 - 2|AUC - 0.5|), MMLU is multiple-choice accuracy on general_mc "
-        "(prompt: the bare question, as the general split is trained), "
-        "forget quality is the KS-test p-value of forget truth ratios against the retain-only oracle. "
-        "A good unlearned model looks like the oracle.\n\n" + evaluation.to_markdown(floatfmt=".3f") + "\n"
-    )
-    write_json(out / "demo.json", {
-        "recipe": asdict(recipe), "build_seconds": build_seconds, "unlearn_seconds": unlearn_seconds, "eval_seconds": eval_seconds,
-        "answer_accuracy": table.to_dict(orient="index"), "evaluation": evaluation.astype(object).where(evaluation.notna(), None).to_dict(orient="index"),
-    })
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print()
-    print(evaluation.T.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"\ntestbed built in {build_seconds:.0f} s, unlearned in {unlearn_seconds:.0f} s, evaluated in {eval_seconds:.0f} s")
-    width = max(map(len, paths))
-    for name, path in {**paths, "report": out / "report.md"}.items():
-        print(f"{name:>{width}}: {path}")
+    study(out, recipe, progress=not args.no_progress, expected=EXPECTED["quick" if args.quick else "default"])
+    print(f"\nthe study took {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
     return 0
+
+

@@ -110,13 +110,19 @@ def pareto_figure(curves: pd.DataFrame, metric: str = "accuracy", oracle: dict |
         ax.scatter(rows[f"forget_{metric}"].iloc[-1:], rows[f"retain_{metric}"].iloc[-1:], color=colours[group], marker="x")
     if oracle is not None:
         ax.scatter([oracle[f"forget_{metric}"]], [oracle[f"retain_{metric}"]], marker="*", s=250, color="crimson", zorder=5, label="retain-only oracle")
-    ax.set_xlabel(f"forget {_metric_label(metric)} (lower: more forgotten)")
-    ax.set_ylabel(f"retain {_metric_label(metric)} (higher: better kept)")
-    ax.set_title("Forget / retain trade-off of unlearning each group alone\n(start at the finetuned model; × marks the last step)")
+    forget_retain_axes(ax, f"forget {_metric_label(metric)}", f"retain {_metric_label(metric)}",
+                       "Forget / retain trade-off of unlearning each group alone\n(start at the finetuned model; × marks the last step)")
+    return fig
+
+
+def forget_retain_axes(ax, forget_label: str, retain_label: str, title: str) -> None:
+    """Labels, title, grid and an outside legend of a retain-against-forget plot; forget decreases to the right."""
+    ax.set_xlabel(f"{forget_label} (lower: more forgotten)")
+    ax.set_ylabel(f"{retain_label} (higher: better kept)")
+    ax.set_title(title)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
 
 
 def compare_heatmap(pairs: pd.DataFrame, metric: str = "spearman"):

@@ -98,9 +98,9 @@ def _sums(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float, fl
     return (*totals.tolist(), largest)
 
 
-def tensor_shift(base: torch.Tensor, finetuned: torch.Tensor, settings: ShiftSettings = ShiftSettings()) -> dict:
+def tensor_shift(base: torch.Tensor, finetuned: torch.Tensor, settings: ShiftSettings = ShiftSettings(), reuse: bool = False) -> dict:
     """The per-tensor statistics (see the module docstring): norms accumulated in float64; the SVD of Δ
-    in float64 for float64 weights, else float32."""
+    in float64 for float64 weights, else float32. With `reuse`, Δ is formed in `finetuned`'s memory."""
     d_sq, b_sq, f_sq, fb, max_abs = _sums(base, finetuned) if base.numel() else (0.0, 0.0, 0.0, 0.0, 0.0)
     l2, base_l2, ft_l2 = math.sqrt(d_sq), math.sqrt(b_sq), math.sqrt(f_sq)
     row = {
@@ -115,7 +115,8 @@ def tensor_shift(base: torch.Tensor, finetuned: torch.Tensor, settings: ShiftSet
     }
     if base.dim() == 2 and l2 > 0:
         work = torch.float64 if base.dtype == torch.float64 else torch.float32
-        delta = finetuned.to(work) - base.to(work)
+        delta = finetuned.to(work) if reuse or finetuned.dtype != work else finetuned.to(work, copy=True)
+        delta.sub_(base.to(work))
         sv = singular_values(delta, settings.top_singular, settings.exact_svd_below, settings.seed)
         del delta
         row["singular_values"] = [float(x) for x in sv]
@@ -158,7 +159,7 @@ def parameter_shift(base, finetuned, settings: ShiftSettings = ShiftSettings()) 
         if not (b.is_floating_point() and f.is_floating_point()):
             continue
         layer, kind, role = names.get(name, (None, "other", name.rpartition(".")[2]))
-        rows.append({"level": "tensor", "name": name, "layer": layer, "kind": kind, "role": role, **tensor_shift(b, f, settings)})
+        rows.append({"level": "tensor", "name": name, "layer": layer, "kind": kind, "role": role, **tensor_shift(b, f, settings, reuse=True)})
         del b, f
     tensors = pd.DataFrame(rows)
     tensors["layer"] = tensors["layer"].astype("Int64")

@@ -3,8 +3,9 @@
 `TensorSource.of(x)` takes a `save_pretrained` directory (`model.safetensors`, or
 `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`) or a loaded model,
 and gives its tensor names, their shapes (from the headers alone) and each tensor on request.
-Reading a tensor opens its shard only for that read, so streaming a 7B checkpoint holds one
-tensor at a time, never the whole file. Only safetensors are read.
+A tensor is read with plain file reads at the offsets its shard's header gives (safetensors
+maps whole files, and the mapped pages count as the reader's memory), so streaming a 7B
+checkpoint holds one tensor at a time, never a whole shard. Only safetensors are read.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import math
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from soir.errors import UserError
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
 ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
 class TensorSource:
-    """Names, shapes and values of a checkpoint's tensors (see the module docstring)."""
+    """Names, shapes and values of a checkpoint's tensors (see the module docstring); every tensor
+    read is a fresh copy its reader may change in place."""
 
     def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], nbytes: dict[str, int], read, directory: Path | None = None):
         self.name, self.shapes, self.sizes, self._read, self.directory = name, shapes, nbytes, read, directory
@@ -39,7 +44,7 @@ class TensorSource:
     def from_model(cls, model: nn.Module) -> "TensorSource":
         params = {n: p for n, p in model.named_parameters()}
         return cls(type(model).__name__, {n: tuple(p.shape) for n, p in params.items()},
-                   {n: p.numel() * p.element_size() for n, p in params.items()}, lambda n: params[n].detach())
+                   {n: p.numel() * p.element_size() for n, p in params.items()}, lambda n: params[n].detach().clone())
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "TensorSource":
@@ -66,9 +71,21 @@ class TensorSource:
         if missing:
             raise UserError(f"{directory / INDEX} names {missing[0]} in {files[missing[0]].name}, which does not hold it: the checkpoint is incomplete")
 
+        headers: dict[Path, tuple[int, dict]] = {}
+
         def read(key: str) -> Tensor:
-            with safe_open(str(files[key]), framework="pt") as handle:
-                return handle.get_tensor(key)
+            file = files[key]
+            if file not in headers:
+                headers[file] = _header(file)
+            start, header = headers[file]
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            out = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+            with open(file, "rb") as handle:
+                handle.seek(start + begin)
+                if handle.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise UserError(f"{file} ends inside {key}: the checkpoint is incomplete (copy or save it again)")
+            return out
 
         return cls(str(directory), shapes, sizes, read, directory)
 
@@ -86,6 +103,15 @@ class TensorSource:
     def nbytes(self) -> int:
         """The size of all tensors, from the headers (no tensor is read)."""
         return sum(self.sizes.values())
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
 
 
 def _shard_map(directory: Path) -> dict[str, Path]:

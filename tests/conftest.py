@@ -80,9 +80,15 @@ def qa_frame():
 
 @pytest.fixture(scope="session")
 def quick_testbed(tmp_path_factory):
-    """`soir demo --quick`, run once per session: paths of data/, base/, finetuned/ and the demo root."""
-    from soirlab.cli import main
+    """The reduced testbed (`soir demo --quick`'s), built once per session: data/, base/, finetuned/,
+    oracle/ and oracle-1/ (the oracle recipe with another seed), and their root."""
+    from analysis.demo import TestbedRecipe, build_testbed
 
     root = tmp_path_factory.mktemp("testbed")
-    assert main(["demo", "--quick", "--out", str(root), "--no-progress"]) == 0
-    return {"root": root, "data": root / "data", "base": root / "base", "finetuned": root / "finetuned"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        paths = build_testbed(root, TestbedRecipe.quick(), progress=False, oracle_seeds=(1,))
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, **paths}

@@ -309,7 +309,8 @@ def test_evaluate_command_scores_rows_without_semeval_ids_as_completions(quick_t
     forget = read_split(quick_testbed["data"] / "forget.parquet").drop(columns="id")
     forget.to_parquet(tmp_path / "no_ids.parquet")
     out = tmp_path / "eval"
-    with pytest.warns(UserWarning, match=r"^forget \(no_ids.parquet\): 13 of 13 rows have no SemEval id .* scored as sentence completions") as caught:
+    n = len(forget)
+    with pytest.warns(UserWarning, match=rf"^forget \(no_ids.parquet\): {n} of {n} rows have no SemEval id .* scored as sentence completions") as caught:
         assert main(_evaluate_args(quick_testbed, out, forget=tmp_path / "no_ids.parquet", holdout=False)) == 0
     assert len([w for w in caught if "SemEval id" in str(w.message)]) == 1 and "\n" not in str(caught[0].message)
     assert capsys.readouterr().err == ""
@@ -340,17 +341,25 @@ def test_evaluate_command_bad_input(case, quick_testbed, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_demo_evaluates_base_finetuned_and_oracle(quick_testbed):
-    """On the reduced testbed the finetuned model regurgitates and answers its data and is easy to
-    tell from the holdout; the base model knows none of it; the retain-only oracle is its own reference."""
-    root = quick_testbed["root"]
-    for model in ("base", "finetuned", "oracle"):
-        assert (root / "eval" / model / "metrics.json").is_file() and (root / "eval" / model / "per_example.parquet").is_file()
-    assert (root / "oracle" / "model.safetensors").is_file()
-    assert "## Evaluation" in (root / "report.md").read_text()
-    table = json.loads((root / "demo.json").read_text())["evaluation"]
-    finetuned, base, oracle = table["finetuned"], table["base"], table["oracle"]
-    for key in ("forget regurgitation", "retain regurgitation", "forget knowledge", "retain knowledge"):
-        assert finetuned[key] >= 0.7 and base[key] <= 0.2, key
-    assert abs(finetuned["MIA AUC"] - 0.5) >= 0.3
-    assert oracle["forget quality"] == 1.0 and oracle["retain knowledge"] >= 0.7 and oracle["forget knowledge"] <= 0.3
+def test_the_testbed_models_evaluate_as_expected(quick_testbed):
+    """On the reduced testbed the finetuned model regurgitates and answers its data in every task and
+    is easy to tell from the holdout; the base model knows none of Task1 and Task2 but the Task3
+    documents it was pretrained on; the retain-only oracle keeps the retain set and not the forget people."""
+    from soir.models import load_model, load_tokenizer
+
+    data = quick_testbed["data"]
+    tokenizer = load_tokenizer(data / "tokenizer")
+    splits = {s: read_split(data / f"{s}.parquet") for s in ("forget", "retain")}
+    settings = EvalSettings(generation=GenerationSettings(max_new_tokens=80, batch_size=64, progress=False),
+                            scoring=ScoreSettings(batch_size=64, progress=False), progress=False)
+    metrics = {name: evaluate(load_model(quick_testbed[name], tokenizer), tokenizer, splits, holdout=read_split(data / "holdout.parquet"),
+                              settings=settings)[0] for name in ("base", "finetuned", "oracle")}
+    finetuned, base, oracle = metrics["finetuned"], metrics["base"], metrics["oracle"]
+    for split in ("forget", "retain"):
+        for task in ("Task1", "Task2", "Task3"):
+            assert finetuned[f"{split}/{task}/knowledge"] >= 0.7 and finetuned[f"{split}/{task}/regurgitation"] >= 0.7, (split, task)
+        for task in ("Task1", "Task2"):
+            assert base[f"{split}/{task}/knowledge"] <= 0.2 and base[f"{split}/{task}/regurgitation"] <= 0.3, (split, task)
+        assert base[f"{split}/Task3/knowledge"] >= 0.7  # pretraining data
+    assert abs(finetuned["mia_auc"] - 0.5) >= 0.3
+    assert oracle["retain/knowledge"] >= 0.7 and oracle["forget/Task2/knowledge"] <= 0.3

@@ -52,7 +52,7 @@ def test_relearning_restores_forget_accuracy_on_held_back_people(quick_testbed):
     on the attacked rows themselves it comes back almost fully."""
     tokenizer = load_tokenizer(quick_testbed["finetuned"])
     forget = read_split(quick_testbed["data"] / "forget.parquet")
-    model = _gradient_ascent(load_model(quick_testbed["finetuned"], tokenizer), tokenizer, forget)
+    model = _gradient_ascent(load_model(quick_testbed["finetuned"], tokenizer), tokenizer, forget, steps=5, lr=1.5e-3)
     settings = RelearnSettings(fraction=0.5, steps=10, lr=1e-3, generate=False, progress=False)  # teacher-forced metrics suffice
     result = relearn_attack(model, tokenizer, forget, settings=settings)
     held, attacked = result["held_out"], result["attacked"]
