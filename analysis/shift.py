@@ -37,7 +37,7 @@ class ShiftSettings:
     """How much of each Δ's spectrum to report."""
 
     top_singular: int = setting(5, "top singular values of each matrix's Δ to report", metavar="K")
-    exact_svd_below: int = 2048  # matrices with a smaller side get exact singular values; larger ones a randomized SVD
+    exact_svd_below: int = 1 << 22  # matrices of fewer entries get exact singular values; larger ones a randomized SVD
     seed: int = 0
     progress: bool = True
 
@@ -74,15 +74,18 @@ def check_same_architecture(base: TensorSource, finetuned: TensorSource) -> None
 
 
 def singular_values(delta: torch.Tensor, k: int, exact_below: int, seed: int) -> np.ndarray:
-    """The top `k` singular values of a matrix, exact for small ones, randomized (`torch.svd_lowrank`) for large ones."""
+    """The top `k` singular values of a matrix: exact for one of fewer than `exact_below` entries,
+    else randomized (`torch.svd_lowrank`, whose workspace is a few (rows × k) blocks rather than
+    the full SVD's copies of the matrix), seeded without touching the global RNG."""
     k = min(k, *delta.shape)
-    if min(delta.shape) <= exact_below:
+    if delta.numel() < exact_below:
         return torch.linalg.svdvals(delta)[:k].numpy()
-    torch.manual_seed(seed)
-    return torch.svd_lowrank(delta, q=min(k + 10, *delta.shape), niter=6)[1][:k].numpy()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.svd_lowrank(delta, q=min(k + 10, *delta.shape), niter=6)[1][:k].numpy()
 
 
-CHUNK = 1 << 22  # elements per float64 accumulation step: norms without a float64 copy of a large tensor
+CHUNK = 1 << 20  # elements per float64 accumulation step: norms without a float64 copy of a large tensor
 
 
 def _sums(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float, float, float, float]:
