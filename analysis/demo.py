@@ -68,7 +68,7 @@ class TestbedRecipe:
         synth = SynthSettings(seed=seed, people_forget=10, people_retain=10, people_holdout=10, docs_forget=2, docs_retain=2, docs_holdout=2,
                               real_forget=2, real_retain=2, real_holdout=2, vocab_size=768)
         return cls(synth=synth, size=TinySize(hidden=64, layers=2, heads=4, intermediate=256), base_steps=300, base_lr=1e-2,
-                   finetune_epochs=40.0, seed=seed)
+                   finetune_epochs=35.0, seed=seed)
 
     @classmethod
     def smallest(cls, seed: int = 0) -> "TestbedRecipe":
@@ -100,17 +100,18 @@ class StudyRecipe:
     curve_every: int = 5
     relearn_steps: int = 20
     quantize_bits: tuple[int, ...] = (8, 4)
+    probe_masks: tuple[str, ...] = ("soir", "random")  # the unlearned models (of the first method) the probes attack
     max_new_tokens: int = 80
 
     @classmethod
     def quick(cls, seed: int = 0) -> "StudyRecipe":
         return cls(testbed=TestbedRecipe.quick(seed), scores=("soir", "grad-magnitude", "shift", "random"), methods=("graddiff",),
-                   unlearn_steps=60, curve_steps=20, relearn_steps=10)
+                   unlearn_steps=60, curve_steps=20, relearn_steps=10, quantize_bits=(4,))
 
     @classmethod
     def smallest(cls, seed: int = 0) -> "StudyRecipe":
         return cls(testbed=TestbedRecipe.smallest(seed), scores=("soir", "random"), methods=("graddiff",), top=0.3, unlearn_steps=4,
-                   curve_steps=2, curve_every=1, relearn_steps=2, quantize_bits=(8,), max_new_tokens=16)
+                   curve_steps=2, curve_every=1, relearn_steps=2, quantize_bits=(8,), probe_masks=("soir",), max_new_tokens=16)
 
 
 # ---------------------------------------------------------------- the testbed
@@ -269,7 +270,7 @@ def stages(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: boo
         Stage("curves", lambda: curves_stage(out, paths, recipe, progress), (out / "curves",),
               {k: getattr(recipe, k) for k in ("curve_steps", "curve_every", "unlearn_lr", "w_retain")}, ("finetuned", "oracle")),
         Stage("probes", lambda: probes_stage(out, paths, recipe, progress), (out / "probes",),
-              {k: getattr(recipe, k) for k in ("relearn_steps", "quantize_bits", "max_new_tokens")}, ("unlearning",)),
+              {k: getattr(recipe, k) for k in ("relearn_steps", "quantize_bits", "probe_masks", "max_new_tokens")}, ("unlearning",)),
         Stage("report", lambda: write_report(out, recipe), (out / "report.md", out / "figures"), {},
               ("shift", "rankings", "evaluation", "curves", "probes")),
     ]
@@ -407,7 +408,8 @@ def curves_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progres
 
 
 def probes_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progress: bool) -> dict:
-    """The relearning attack and the quantization probe on each unlearned model of the first method."""
+    """The relearning attack and the quantization probe on the unlearned models of the first method
+    (the `probe_masks` ones)."""
     from analysis.quantize import QuantizeSettings, quantize_probe
     from analysis.relearn import RelearnSettings, relearn_attack
     from soir.io import write_parquet
@@ -416,7 +418,7 @@ def probes_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, progres
     tokenizer = load_tokenizer(data / "tokenizer")
     frames = _splits(data)
     rows = []
-    for mask in recipe.masks:
+    for mask in recipe.probe_masks:
         name = unlearned_name(recipe.methods[0], mask)
         settings = RelearnSettings(steps=recipe.relearn_steps, seed=recipe.testbed.seed, max_new_tokens=recipe.max_new_tokens, progress=progress)
         result = relearn_attack(out / "unlearned" / name, tokenizer, frames["forget"], settings=settings)

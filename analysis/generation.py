@@ -14,6 +14,7 @@ included) and has no sampling or generation-config surprises; a test checks it a
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -87,6 +88,12 @@ def additive_mask(padding: torch.Tensor, query_length: int, dtype: torch.dtype) 
     return torch.where(allowed, zero, torch.tensor(-1e30, dtype=dtype, device=padding.device))[:, None]
 
 
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument of the model's forward: `cache` since transformers 5.2x,
+    `past_key_values` before (and for remote code that keeps it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_batch(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad: int, max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation token ids of one left-padded batch, each cut before its first EOS.
 
@@ -101,12 +108,13 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad: i
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     past = None
+    cache_arg = cache_argument(model)
     step_ids, step_positions = input_ids, positions
     explicit = needs_explicit_mask(model)
     for _ in range(max_new_tokens):
         step_mask = additive_mask(mask, step_ids.shape[1], dtype_of(model)) if explicit else mask
-        out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=past, use_cache=True)
-        past = getattr(out, "past_key_values", None)
+        out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, use_cache=True, **{cache_arg: past})
+        past = getattr(out, "cache", None) if cache_arg == "cache" else getattr(out, "past_key_values", None)
         next_ids = out.logits[:, -1].argmax(-1)
         next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
         generated.append(next_ids)

@@ -45,6 +45,10 @@ def unlearning_figure(summary: pd.DataFrame, x: str = "forget accuracy", y: str 
     return fig
 
 
+def _compare(gain: float, tolerance: float = 0.005) -> str:
+    return "as much" if abs(gain) <= tolerance else "more" if gain > 0 else "less"
+
+
 def reading(summary: pd.DataFrame, curves: pd.DataFrame | None, selections: dict, probes: pd.DataFrame | None, top: float) -> str:
     """The honest paragraph: what finetuning did, how the soir-localized unlearning compares with random
     and the full model, which layers kept retention, and what the probes brought back."""
@@ -63,9 +67,9 @@ def reading(summary: pd.DataFrame, curves: pd.DataFrame | None, selections: dict
         if "soir" not in parts or "random" not in parts:
             continue
         s, r = parts["soir"], parts["random"]
-        gap_f, gap_r = s["forget accuracy"] - r["forget accuracy"], s["retain accuracy"] - r["retain accuracy"]
-        verdict = ("forgot more and kept more" if gap_f < 0 and gap_r > 0 else "forgot less and kept less" if gap_f > 0 and gap_r < 0 else
-                   "forgot more but kept less" if gap_f < 0 else "forgot less but kept more" if gap_r > 0 else "did no better")
+        forgot = _compare(r["forget accuracy"] - s["forget accuracy"])  # lower forget accuracy: more forgotten
+        kept = _compare(s["retain accuracy"] - r["retain accuracy"])
+        verdict = f"forgot {forgot} and kept {kept}"
         text = (f"With {method} on {top:.0%} of the parameters, the soir selection {verdict} than the random one (forget accuracy "
                 f"{_fmt(s['forget accuracy'])} vs {_fmt(r['forget accuracy'])}, retain {_fmt(s['retain accuracy'])} vs {_fmt(r['retain accuracy'])}")
         if "full" in parts:
