@@ -34,6 +34,7 @@ from typing import Callable
 import pandas as pd
 
 from soir.data import answer_accuracy, encode, pad_id, read_split, teacher_forced
+from soir.errors import UserError
 from soir.io import check_out_dir, write_json
 from soir.models import ModelSettings, TinySize, load_model, load_tokenizer
 from soir.synth import SynthSettings, write_testbed
@@ -91,7 +92,7 @@ class StudyRecipe:
     testbed: TestbedRecipe = field(default_factory=TestbedRecipe)
     scores: tuple[str, ...] = ("soir", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random")
     masks: tuple[str, ...] = ("soir", "random", "full")  # top `top` of parameters by these rankings, and the full model
-    methods: tuple[str, ...] = ("graddiff", "npo")
+    methods: tuple[str, ...] = ("graddiff",)  # `soir demo --methods graddiff npo idk dpo rmu` runs more
     top: float = 0.1
     unlearn_steps: int = 100
     unlearn_lr: float = 1e-2
@@ -479,6 +480,8 @@ def demo_arguments(p) -> None:
 
     add_common(p, "directory for every artifact of the study (an earlier run there is continued)")
     p.add_argument("--quick", action="store_true", help="a reduced testbed and study (about 2 minutes on 2 cores)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="unlearning objectives to run on each mask (default: graddiff; "
+                   "any of the registered ones, e.g. graddiff npo idk dpo rmu; each adds about a minute)")
     p.add_argument("--redo", action="store_true", help="run every stage again instead of reusing finished ones")
     add_progress(p)
 
@@ -494,6 +497,14 @@ def run(args) -> int:
     if args.redo:
         shutil.rmtree(out / RECORDS, ignore_errors=True)
     recipe = StudyRecipe.quick(args.seed) if args.quick else StudyRecipe(testbed=TestbedRecipe(synth=SynthSettings(seed=args.seed), seed=args.seed))
+    if args.methods:
+        from unlearn.objectives import OBJECTIVES, unlearns
+
+        for name in args.methods:
+            if name not in OBJECTIVES or not unlearns(OBJECTIVES.get(name)):
+                raise UserError(f"--methods {name!r} is not an unlearning objective: use any of "
+                                f"{', '.join(n for n, o in OBJECTIVES.items() if unlearns(o))}")
+        recipe = replace(recipe, methods=tuple(dict.fromkeys(args.methods)))
     start = time.perf_counter()
     study(out, recipe, progress=not args.no_progress, expected=EXPECTED["quick" if args.quick else "default"])
     print(f"\nthe study took {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")

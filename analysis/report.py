@@ -70,7 +70,7 @@ def reading(summary: pd.DataFrame, curves: pd.DataFrame | None, selections: dict
         forgot = _compare(r["forget accuracy"] - s["forget accuracy"])  # lower forget accuracy: more forgotten
         kept = _compare(s["retain accuracy"] - r["retain accuracy"])
         verdict = f"forgot {forgot} and kept {kept}"
-        text = (f"With {method} on {top:.0%} of the parameters, the soir selection {verdict} than the random one (forget accuracy "
+        text = (f"With {method} on {top:.0%} of the parameters, compared with the random selection the soir one {verdict} (forget accuracy "
                 f"{_fmt(s['forget accuracy'])} vs {_fmt(r['forget accuracy'])}, retain {_fmt(s['retain accuracy'])} vs {_fmt(r['retain accuracy'])}")
         if "full" in parts:
             text += f"; the full model reached forget {_fmt(parts['full']['forget accuracy'])} at retain {_fmt(parts['full']['retain accuracy'])}"
