@@ -90,7 +90,7 @@ def split_mean(model: nn.Module, batches: Iterable[Batch], param_names: Iterable
 
     `f(params, batch)` is the batch's summed loss with `params` (the named parameters) swapped
     in; the model runs in eval mode. The split mean of any per-example quantity that is linear
-    in the summed loss: its gradient (`mean_gradient`), a Hessian-vector product (`soir.curvature.hvp`).
+    in the summed loss, such as a Hessian-vector product (`soir.curvature.hvp`).
     """
     params = select_params(model, param_names)
     f = functional_loss(model, loss_fn, list(params))
@@ -108,11 +108,37 @@ def split_mean(model: nn.Module, batches: Iterable[Batch], param_names: Iterable
 
 
 def mean_gradient(model: nn.Module, batches: Iterable[Batch], param_names: Iterable[str], loss_fn: LossFn = example_losses) -> Params:
-    """Gradient of the split loss w.r.t. the named parameters (the mean of per-example gradients).
+    """Gradient of the split loss w.r.t. the named parameters (the mean of per-example gradients),
+    accumulated in float32 (or the parameters' dtype if wider).
 
-    One forward and backward per batch; batches of any sizes are weighted by their size.
+    One forward and backward per batch with plain autograd (only the named parameters require
+    grad meanwhile), which keeps the memory of one training step; batches of any sizes are
+    weighted by their size. The model's `.grad` and requires_grad flags are left as they were.
     """
-    return split_mean(model, batches, param_names, loss_fn, lambda f, params, batch: grad(f)(params, batch))
+    params = select_params(model, param_names)
+    named = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in named.items()}
+    total = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in params.items()}
+    count = 0
+    device = device_of(model)
+    try:
+        for n, p in named.items():
+            p.requires_grad_(n in params)
+        with eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                batch = to_device(batch, device)
+                losses = loss_fn(model, batch)
+                grads = torch.autograd.grad(losses.sum(), [named[n] for n in params], allow_unused=True)
+                for n, g in zip(params, grads):
+                    if g is not None:
+                        total[n] += g
+                count += batch_size_of(batch)
+    finally:
+        for n, p in named.items():
+            p.requires_grad_(flags[n])
+    if count == 0:
+        raise UserError("an empty split: no examples to compute a gradient on")
+    return {n: g / count for n, g in total.items()}
 
 
 # ---------------------------------------------------------------- per-example gradients
