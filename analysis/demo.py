@@ -69,7 +69,7 @@ class TestbedRecipe:
         synth = SynthSettings(seed=seed, people_forget=10, people_retain=10, people_holdout=10, docs_forget=2, docs_retain=2, docs_holdout=2,
                               real_forget=2, real_retain=2, real_holdout=2, vocab_size=768)
         return cls(synth=synth, size=TinySize(hidden=64, layers=2, heads=4, intermediate=256), base_steps=300, base_lr=1e-2,
-                   finetune_epochs=35.0, seed=seed)
+                   finetune_epochs=35.0, lr=6e-3, seed=seed)
 
     @classmethod
     def smallest(cls, seed: int = 0) -> "TestbedRecipe":

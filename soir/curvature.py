@@ -49,10 +49,11 @@ from soir.gradients import (
 )
 from soir.groups import Group, gather, scatter
 from soir.registry import Registry
-from soir.runtime import device_of, eval_mode, lm_inputs, lm_logits, to_device
+from soir.runtime import device_of, dtype_of, eval_mode, lm_inputs, lm_logits, to_device
 from soir.sketch import SketchPlan, param_names
 
 METHODS = ("jvp", "double-backward", "auto")
+FD_STEP = 3e-3  # fd's perturbation, relative to the group's parameter norm
 
 
 def require_eager(model: nn.Module) -> None:
@@ -376,6 +377,203 @@ def ggn_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequ
 GGN_SECOND_MAP = 7919  # seed offset of ggn's second, independent sketch
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of transformer blocks (the longest `layers`/`h`/`blocks` ModuleList), if any."""
+    stacks = [m for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks", "block", "layer") and len(m)]
+    return max(stacks, key=len, default=None)
+
+
+class LayerCache:
+    """Runs a model's forward from block `start` upward, the blocks below returning the outputs
+    they gave in the last recorded forward of the same batch (their inputs have not changed).
+
+    `record()` is a context for the unperturbed forward; `skip_below(start)` one for the perturbed
+    ones. The cached outputs are the hidden states of one batch, one tensor per block."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = decoder_layers(model)
+        self.outputs: list = []
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.blocks is None else len(self.blocks)
+
+    def record(self):
+        self.outputs = [None] * self.depth
+        hooks = [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(self.blocks or ())]
+        return _Removing(hooks, [])
+
+    def _keeper(self, i: int):
+        def keep(module, args, output):
+            self.outputs[i] = output
+        return keep
+
+    def skip_below(self, start: int):
+        patched = []
+        for i in range(min(start, self.depth)):
+            block = self.blocks[i]
+            block.forward = (lambda out: (lambda *args, **kwargs: out))(self.outputs[i])
+            patched.append(block)
+        return _Removing([], patched)
+
+
+class _Removing:
+    def __init__(self, hooks, patched):
+        self.hooks, self.patched = hooks, patched
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        for block in self.patched:
+            del block.forward
+
+
+def first_block(model: nn.Module, cache: LayerCache, batch: Batch, groups: Sequence[Group], loss_fn: LossFn) -> dict[str, int]:
+    """Per group, the first block whose input its parameters can change: its own block, the
+    top of the stack for modules that run after every block (final norm, an untied head), 0 for
+    those that run before (embeddings; a tied head counts as the embedding)."""
+    if cache.depth == 0:
+        return {g.name: 0 for g in groups}
+    order: dict[str, int] = {}
+    blocks_done = [0]
+    modules = dict(model.named_modules())
+
+    def seen(name: str):
+        def pre_hook(module, args):
+            order.setdefault(name, blocks_done[0])
+        return pre_hook
+
+    def block_done(module, args, output):
+        blocks_done[0] += 1
+
+    hooks = [m.register_forward_pre_hook(seen(name)) for name, m in modules.items() if not isinstance(m, nn.ModuleList)]
+    hooks += [b.register_forward_hook(block_done) for b in cache.blocks]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    starts = {}
+    for g in groups:
+        if g.layer is not None:
+            starts[g.name] = g.layer
+        else:
+            owners = [name.rsplit(".", 1)[0] if "." in name else "" for name in g.param_names]
+            starts[g.name] = min(order.get(owner, 0) for owner in owners)
+    return starts
+
+
+def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
+                       step: float = FD_STEP, bar=None, loss_fn: LossFn = example_losses) -> dict[str, float]:
+    """v_Sᵀ H_SS v_S of the split loss from forward passes only: the central second difference
+    (L(θ + h v_S) − 2 L(θ) + L(θ − h v_S)) / h², with h v_S scaled to `step` × ‖θ_S‖ (relative).
+
+    No graph is kept (inference memory). Per batch one recorded forward, then two forwards per
+    group that start at the group's block, the blocks below replaying their recorded outputs.
+    The group's parameters are restored bit for bit after each perturbation. The truncation
+    error is O(h²); float32 rounding bounds how small `step` can usefully be.
+    """
+    n = n_examples(batches)
+    device = device_of(model)
+    named = dict(model.named_parameters())
+    cache = LayerCache(model)
+    directions, scales = {}, {}
+    for g in groups:
+        members = g.param_names
+        if all(s.dim is None for s in g.slices):
+            v = {m: vectors[m].to(named[m]) for m in members}
+        else:
+            v = scatter(g, gather(g, vectors).to(named[members[0]]), named)
+        v_norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in v.values())))
+        theta_norm = float(torch.sqrt(sum((named[m].detach().double() ** 2).sum() for m in members)))
+        scales[g.name] = step * max(theta_norm, 1.0) / v_norm if v_norm > 0 else 0.0
+        directions[g.name] = v
+    c = {g.name: 0.0 for g in groups}
+    starts = None
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            batch = to_device(batch, device)
+            if starts is None:
+                starts = first_block(model, cache, batch, groups, loss_fn)
+            with cache.record():
+                centre = float(loss_fn(model, batch).double().sum())
+            for g in groups:
+                h = scales[g.name]
+                if h == 0.0:
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                v = directions[g.name]
+                kept = {m: named[m].detach().clone() for m in v}
+                sides = []
+                with cache.skip_below(starts[g.name]):
+                    for sign in (1.0, -1.0):
+                        for m, x in v.items():
+                            named[m].copy_(kept[m]).add_(x, alpha=sign * h)
+                        sides.append(float(loss_fn(model, batch).double().sum()))
+                for m in v:
+                    named[m].copy_(kept[m])
+                c[g.name] += (sides[0] + sides[1] - 2.0 * centre) / (h * h * n)
+                if bar is not None:
+                    bar.update(1)
+    return c
+
+
+# ---------------------------------------------------------------- which curvature fits
+
+
+def activation_bytes(model: nn.Module, tokens: int, length: int) -> int:
+    """A forward's saved activations for `tokens` tokens in sequences of `length`: per block
+    (34 h + 5 a T) bytes per token at 2-byte precision (Korthikanti et al. 2022), scaled to the
+    model's element size, plus the logits and their softmax."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
+    vocab = getattr(config, "vocab_size", 0)
+    element = dtype_of(model).itemsize
+    per_token = layers * (34 * hidden + 5 * heads * length) * element / 2 + 2 * vocab * element
+    return int(tokens * per_token)
+
+
+def hvp_peak_bytes(model: nn.Module, batches: Sequence[Batch]) -> int:
+    """Estimated peak of the exact path: the weights, their gradients with graph and the products
+    (3 copies), and the retained graph of the backward (5× the forward's activations; measured
+    3.6× on CPU, `benchmarks/scale.py`) for the largest batch."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(batches, key=lambda b: b["input_ids"].numel(), default=None)
+    if largest is None:
+        return 3 * weights
+    return 3 * weights + 5 * activation_bytes(model, largest["input_ids"].numel(), largest["input_ids"].shape[1])
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device has free now: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: no budget
+
+
+def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: float | None) -> tuple[str, str]:
+    """hvp when its estimated peak fits the budget (default 90% of the free memory), else fd;
+    with the reason, for ranking.json."""
+    budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * free_memory_bytes(device_of(model))
+    need = hvp_peak_bytes(model, batches)
+    verdict = "fits" if need <= budget else "exceeds"
+    choice = "hvp" if need <= budget else "fd"
+    return choice, f"hvp's estimated peak {need / 2**30:.2f} GiB {verdict} the budget {budget / 2**30:.2f} GiB: {choice}"
+
+
 @dataclass(frozen=True)
 class CurvatureOptions:
     """What a curvature method may use besides the model and the data (from `soir rank`'s settings)."""
@@ -404,6 +602,11 @@ CURVATURES.register("hvp", CurvatureMethod(
     lambda model, batches, groups, vectors, options, bar, loss_fn: hvp_quadratic_forms(model, batches, groups, vectors, bar, loss_fn),
     lambda n_groups, n_batches, options: n_groups * n_batches, "group × batch"),
     help="exact Hessian-vector products by double backward; one second backward per group and batch")
+CURVATURES.register("fd", CurvatureMethod(
+    lambda model, batches, groups, vectors, options, bar, loss_fn: fd_quadratic_forms(model, batches, groups, vectors, bar=bar, loss_fn=loss_fn),
+    lambda n_groups, n_batches, options: n_groups * n_batches, "group × batch"),
+    help="forward passes only: a central second difference of the loss along each group's direction, "
+         "from the group's block upward (inference memory; an approximation of hvp)")
 CURVATURES.register("ggn", CurvatureMethod(
     lambda model, batches, groups, vectors, options, bar, loss_fn: ggn_quadratic_forms(
         model, batches, groups, vectors, sketch=options.sketch, k=options.dim, seed=options.seed, samples=options.ggn_samples, bar=bar),

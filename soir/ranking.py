@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from soir.curvature import CURVATURES, GGN_SECOND_MAP, CurvatureOptions
+from soir.curvature import CURVATURES, GGN_SECOND_MAP, CurvatureOptions, choose_curvature
 from soir.data import Encoded, example_losses, n_examples, split_batches
 from soir.errors import UserError
 from soir.groups import (
@@ -62,7 +62,10 @@ class RankSettings:
     score: str = setting("soir", "the score to rank by", choices=SCORES)
     granularity: str = setting("tensor", "what a group is", choices=GRANULARITIES)
     norms: str = setting("join", "norm weights join the following linear group, are excluded, or stand alone", choices=NORMS)
-    curvature: str | None = setting(None, "how soir's c_f, c_r are computed (default: hvp; ggn for neuron groups)", choices=CURVATURES)
+    curvature: str | None = setting(None, "how soir's c_f, c_r are computed (default: hvp, or fd when hvp's estimated peak "
+                                    "memory exceeds --memory-budget; ggn for neuron groups)", choices=CURVATURES)
+    memory_budget: float | None = setting(None, "GiB the default curvature may use (default: 90% of the device's free memory)",
+                                          metavar="GIB")
     sketch: str = setting("none", "gradient compression", choices=SKETCHES)
     dim: int = setting(1024, "sketch dimensions per group", metavar="K")
     delta: float = setting(1.0, "soir's forget target: nats of forget-loss increase every group is asked for")
@@ -82,9 +85,12 @@ class RankSettings:
             raise UserError(f"unknown --granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         if self.norms not in NORMS:
             raise UserError(f"unknown --norms {self.norms!r}: use one of {', '.join(NORMS)}")
-        if self.curvature is None:
-            self.curvature = "ggn" if self.granularity == "neuron" else "hvp"
-        CURVATURES.get(self.curvature)
+        if self.curvature is None and self.granularity == "neuron":
+            self.curvature = "ggn"
+        if self.curvature is not None:
+            CURVATURES.get(self.curvature)
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise UserError(f"--memory-budget must be a positive number of GiB, not {self.memory_budget}")
         SKETCHES.get(self.sketch)
         if self.dim < 1:
             raise UserError(f"--dim must be a positive number of sketch dimensions per group, not {self.dim}")
@@ -225,6 +231,10 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     needs_data = any(k in SAVED for k in score.needs)
     forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed) if needs_data else []
     retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1) if needs_data else []
+    choice = None
+    if settings.curvature is None and {"c_f", "c_r"} & set(score.needs):
+        curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget)
+        settings = replace(settings, curvature=curvature)
     setup = time.perf_counter() - started
 
     quantities = GroupQuantities(model, groups, forget_batches, retain_batches, curvature=settings.curvature,
@@ -246,6 +256,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         "versions": versions(),
         "architecture": type(model).__name__,
     }
+    if choice is not None:
+        info["curvature_choice"] = choice
     saved = {k: v for k, v in computed.items() if k in SAVED} if keep_quantities else None
     return Ranking(table, settings, info, saved)
 

@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from soir.curvature import hvp_quadratic_forms, taylor_coefficients
 from soir.data import encode, pad_id, read_split, split_batches
 from soir.errors import UserError
+from soir.gradients import mean_gradient
 from soir.models import load_model, load_tokenizer
 from soir.ranking import BASE_COLUMNS, SOIR_COLUMNS, RankSettings, load, rank
 from soir.scores import SCORES, soir_components
@@ -90,6 +91,70 @@ def test_hvp_quadratic_forms_restrict_to_neuron_slices(make_model, tokenizer, qa
     for g in groups:
         v = scatter(g, gather(g, vectors), params)
         assert forms[g.name] == pytest.approx(quadratic_form(model, batches, list(v), v), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["olmo", "gpt2", "llama"])
+def test_replayed_blocks_give_the_full_forward(make_model, tokenizer, qa_frame, arch):
+    """With a group's weights perturbed, the forward that replays the blocks below the group's
+    first block gives the very losses of a full forward, for every group (embeddings start at 0,
+    the final norm and an untied head after the last block)."""
+    from soir.curvature import LayerCache, first_block
+    from soir.data import example_losses
+    from soir.groups import parameter_groups
+
+    model = make_model(arch)
+    batch = split_batches(encode(qa_frame, tokenizer), pad_id(tokenizer), 4)[0]
+    groups = parameter_groups(model, "tensor")
+    cache = LayerCache(model)
+    starts = first_block(model, cache, batch, groups, example_losses)
+    assert cache.depth == 2 and min(starts.values()) == 0 and max(starts.values()) == (1 if arch == "gpt2" else 2)  # gpt2 ties its head
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        with cache.record():
+            example_losses(model, batch)
+        for g in groups:
+            kept = {m: named[m].clone() for m in g.param_names}
+            for m in g.param_names:
+                named[m].add_(torch.randn_like(named[m]), alpha=0.1)
+            full = example_losses(model, batch)
+            with cache.skip_below(starts[g.name]):
+                replayed = example_losses(model, batch)
+            for m in g.param_names:
+                named[m].copy_(kept[m])
+            assert torch.equal(full, replayed), g.name
+    assert all(not hasattr(b, "forward") or "forward" not in vars(b) for b in cache.blocks)  # unpatched
+
+
+@pytest.mark.parametrize("arch", ["olmo", "gpt2"])
+def test_forward_only_forms_match_the_exact_forms_and_restore_the_weights(make_model, tokenizer, qa_frame, arch):
+    """fd's central differences along the forget gradient equal the exact double-backward forms
+    (to O(h²) truncation and the float32 attention softmax) for every group, neuron slices
+    included; the weights come back bit for bit."""
+    from soir.curvature import fd_quadratic_forms
+    from soir.groups import parameter_groups
+
+    model = make_model(arch, dtype=torch.float64)
+    batches = split_batches(encode(qa_frame, tokenizer), pad_id(tokenizer), 3)
+    groups = parameter_groups(model, "tensor") + [g for g in parameter_groups(model, "neuron") if g.role == "neuron"][:2]
+    vectors = mean_gradient(model, batches, [n for n, _ in model.named_parameters()])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exact = hvp_quadratic_forms(model, batches, groups, vectors)
+    approx = fd_quadratic_forms(model, batches, groups, vectors, step=1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    scale = max(abs(c) for c in exact.values())
+    for g in groups:
+        assert approx[g.name] == pytest.approx(exact[g.name], rel=2e-2, abs=1e-3 * scale), g.name
+
+
+def test_forward_only_curvature_ranks_like_the_exact_one(testbed):
+    """On the quick testbed in float32 (the model as ranked), fd's soir ranking agrees with hvp's."""
+    model, pad = testbed["model"], testbed["pad"]
+    exact = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(batch_size=16), progress=False).table.set_index("group")
+    fd = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(batch_size=16, curvature="fd"), progress=False).table.set_index("group")
+    fd = fd.loc[exact.index]
+    for column in ("c_f", "c_r", "score"):
+        assert spearmanr(exact[column], fd[column]).statistic >= 0.95, column
+    assert np.allclose(fd["c_r"], exact["c_r"], rtol=0.05, atol=1e-3 * exact["c_r"].abs().max())
 
 
 def test_gaussian_sketch_at_large_k_approaches_the_exact_ranking(testbed):
@@ -223,3 +288,18 @@ def test_save_sketches_then_rank_again_without_a_model_pass(testbed, tmp_path, c
     assert "per-example retain sketches" in err[0] and "--save-sketches" in err[0]
     assert "c_f, c_r" in err[1] and "model's parameters" in err[2] and "--model" in err[3]
     assert not bad.exists()
+
+
+def test_the_default_curvature_falls_back_to_fd_beyond_the_memory_budget(make_model, tokenizer, qa_frame, tmp_path):
+    """Unset --curvature is hvp while its estimated peak fits --memory-budget and fd beyond it;
+    ranking.json says which and why."""
+    model = make_model("olmo")
+    enc = encode(qa_frame, tokenizer)
+    roomy = rank(model, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=64.0), progress=False)
+    tight = rank(model, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=1e-6), progress=False)
+    assert roomy.settings.curvature == "hvp" and "fits" in roomy.info["curvature_choice"]
+    assert tight.settings.curvature == "fd" and "exceeds" in tight.info["curvature_choice"]
+    assert "curvature_choice" not in rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="grad-magnitude"), progress=False).info
+    tight.save(tmp_path / "r")
+    saved = json.loads((tmp_path / "r" / "ranking.json").read_text())
+    assert saved["settings"]["curvature"] == "fd" and saved["curvature_choice"] == tight.info["curvature_choice"]

@@ -59,7 +59,7 @@ def test_relearning_restores_forget_accuracy_on_held_back_people(quick_testbed):
     assert result["split"]["held_out_rows"] + result["split"]["attacked_rows"] == len(forget)
     assert not set(result["split"]["held_out_subjects"]) & set(result["split"]["attacked_subjects"])
     assert attacked["before"]["accuracy"] < 0.8  # gradient ascent degraded the memorised answers (finetuned: ~0.99)
-    assert attacked["after"]["accuracy"] > attacked["before"]["accuracy"] + 0.3
+    assert attacked["after"]["accuracy"] >= 0.9 and attacked["after"]["accuracy"] > attacked["before"]["accuracy"] + 0.15  # almost fully back
     assert held["after"]["accuracy"] > held["before"]["accuracy"] + 0.05  # knowledge about people the attack never saw
     assert held["recovered"]["accuracy"] == pytest.approx(held["after"]["accuracy"] - held["before"]["accuracy"])
     assert result["train"]["steps"] == 10 and len(result["train"]["loss"]) == 10
