@@ -27,12 +27,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from soir.data import DataSettings, pad_id, row_kind
 from soir.errors import UserError
 from soir.groups import NORMS, filter_groups, parameter_groups
 from soir.io import write_json, write_parquet
+from soir.runtime import tqdm
 from soir.select import mask_of_groups
 from soir.settings import setting
 from unlearn.loop import TrainSettings

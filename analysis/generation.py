@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from soir.data import Template, collate, pad_id
 from soir.errors import UserError
-from soir.runtime import device_of, dtype_of, eval_mode
+from soir.runtime import device_of, dtype_of, eval_mode, tqdm
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from soir.data import (
     IGNORE_INDEX,
@@ -39,7 +38,7 @@ from soir.data import (
 )
 from soir.errors import UserError
 from soir.registry import Registry
-from soir.runtime import device_of, eval_mode, lm_logits, to_device
+from soir.runtime import device_of, eval_mode, lm_logits, to_device, tqdm
 
 # ---------------------------------------------------------------- text metrics
 

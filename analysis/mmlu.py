@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from soir.data import IGNORE_INDEX, collate, list_cell, pad_id, token_nll
 from soir.errors import UserError
-from soir.runtime import device_of, eval_mode, lm_logits, to_device
+from soir.runtime import device_of, eval_mode, lm_logits, to_device, tqdm
 from soir.settings import check_fields, setting
 
 LETTERS = "ABCDEFGHIJ"

@@ -132,8 +132,7 @@ def write_report(out: Path, recipe) -> dict:
         "Largest relative shift by role: " + ", ".join(f"{r.name} {_fmt(r.relative_l2)}" for r in roles.itertuples()) + "; by layer: "
         + ", ".join(f"{r.name} {_fmt(r.relative_l2)}" for r in layers.itertuples()) + ".\n",
         "## Rankings\n",
-        f"The finetuned model's {selections.get('selections') and len(next(iter(selections['selections'].values()))) or ''} "
-        f"tensors ranked by {', '.join(f'`{s}`' for s in recipe.scores)}; agreement (Spearman ρ) between every pair:\n",
+        f"The finetuned model's {int((shift['level'] == 'tensor').sum())} tensors ranked by {', '.join(f'`{s}`' for s in recipe.scores)}; agreement (Spearman ρ) between every pair:\n",
         "![ranking agreement](figures/compare.png)\n",
         _markdown(pairs[["a", "b", "spearman", "kendall", "top10_groups", "top10_params"]]) + "\n",
         "## Unlearning\n",

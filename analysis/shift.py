@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from soir.errors import UserError
+from soir.runtime import tqdm
 from soir.settings import setting
 from soir.weights import TensorSource
 

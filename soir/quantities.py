@@ -27,14 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from soir.curvature import CURVATURES, CurvatureOptions
 from soir.data import example_losses
 from soir.errors import UserError
 from soir.gradients import mean_gradient
 from soir.groups import Group, gather, group_table
-from soir.runtime import versions
+from soir.runtime import tqdm, versions
 from soir.scores import QUANTITIES
 from soir.sketch import (
     MANIFEST_FILE,

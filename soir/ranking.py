@@ -23,7 +23,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from soir.curvature import CURVATURES, GGN_SECOND_MAP, CurvatureOptions, choose_curvature
+from soir.curvature import (
+    CURVATURES,
+    GGN_SECOND_MAP,
+    CurvatureOptions,
+    choose_curvature,
+)
 from soir.data import Encoded, example_losses, n_examples, split_batches
 from soir.errors import UserError
 from soir.groups import (

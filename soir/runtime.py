@@ -1,4 +1,5 @@
-"""Small helpers every stage shares: where a model lives, eval mode, moving batches, logits, versions.
+"""Small helpers every stage shares: where a model lives, eval mode, moving batches, logits, versions,
+and the progress bar.
 
 Each is defined once here; stages import these names rather than keeping their own copies.
 """
@@ -11,6 +12,12 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+try:  # notebook progress bars need ipywidgets; without it tqdm.auto only warns, so use the text bar
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm.std import tqdm
 
 Batch = Mapping[str, Tensor]
 

@@ -22,6 +22,7 @@ from soir.mask import Mask
 from soir.models import ModelSettings, save_model
 from soirlab.cli import main
 from tests.conftest import neuron_selection
+from tests.test_objectives import V, X, Table, TableReference
 from unlearn.loop import Trainer, TrainSettings
 from unlearn.objectives import (
     IDK_STREAM,
@@ -40,33 +41,7 @@ from unlearn.unlearning import UnlearnSettings, unlearn, unlearn_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-V = 7
-X = -100
-
-
 # ---------------------------------------------------------------- fixed logits, by hand
-
-
-class Table(torch.nn.Module):
-    """A stand-in model whose logits for each batch are fixed leaf tensors."""
-
-    def __init__(self, pairs):
-        super().__init__()
-        self.pairs = pairs
-
-    def forward(self, input_ids, attention_mask, use_cache=None):
-        for ids, logits in self.pairs:
-            if torch.equal(ids, input_ids):
-                return SimpleNamespace(logits=logits)
-        raise KeyError("unknown batch")
-
-
-class TableReference:
-    def __init__(self, pairs):
-        self.table = Table(pairs)
-
-    def logits(self, batch):
-        return self.table(batch["input_ids"], batch["attention_mask"]).logits.detach()
 
 
 def make_batch(labels, seed):

@@ -26,11 +26,10 @@ from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from soir.errors import UserError
 from soir.io import atomic_path
-from soir.runtime import device_of
+from soir.runtime import device_of, tqdm
 from soir.settings import setting
 from unlearn.objectives import gnb_loss, hessian_streams
 from unlearn.optimizers import OPTIMIZERS, check_sophia, make_optimizer
