@@ -25,7 +25,11 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _markdown(frame: pd.DataFrame, index: bool = False) -> str:
+def _markdown(frame: pd.DataFrame, index: bool = False, formatted: bool = False) -> str:
+    """A markdown table; `formatted` keeps cells already formatted as text (tabulate would parse
+    "2.3e-52" back into a number and print it as 0.000)."""
+    if formatted:
+        return frame.to_markdown(index=index, disable_numparse=True)
     return frame.to_markdown(index=index, floatfmt=".3f")
 
 
@@ -143,7 +147,7 @@ def write_report(out: Path, recipe) -> dict:
         "forget truth ratios against the oracle's.\n",
         "![forget against retain](figures/unlearning.png)\n",
         _markdown(summary.set_index("model").T.reset_index().rename(columns={"index": "metric"}).map(
-            lambda v: _fmt(v) if isinstance(v, float) else v)) + "\n",
+            lambda v: _fmt(v) if isinstance(v, float) else v), formatted=True) + "\n",
         "## Layer robustness\n",
         "Each layer unlearned alone (GradDiff), forget and retain measured every few steps:\n",
         "![curves](figures/curves.png)\n",

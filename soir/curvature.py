@@ -478,6 +478,9 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
     The group's parameters are restored bit for bit after each perturbation. The truncation
     error is O(h²); float32 rounding bounds how small `step` can usefully be.
     """
+    if dtype_of(model).itemsize < 4:
+        raise UserError(f"--curvature fd needs float32 weights ({dtype_of(model)} rounds away its small perturbations): "
+                        "load the model with --dtype float32, or use --curvature hvp or ggn")
     n = n_examples(batches)
     device = device_of(model)
     named = dict(model.named_parameters())
@@ -565,13 +568,17 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: float | None) -> tuple[str, str]:
-    """hvp when its estimated peak fits the budget (default 90% of the free memory), else fd;
-    with the reason, for ranking.json."""
+    """hvp when its estimated peak fits the budget (default 90% of the free memory), else fd
+    (float32 weights only: in bf16/fp16 fd's perturbation is below the rounding); with the
+    reason, for ranking.json."""
     budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * free_memory_bytes(device_of(model))
     need = hvp_peak_bytes(model, batches)
-    verdict = "fits" if need <= budget else "exceeds"
-    choice = "hvp" if need <= budget else "fd"
-    return choice, f"hvp's estimated peak {need / 2**30:.2f} GiB {verdict} the budget {budget / 2**30:.2f} GiB: {choice}"
+    reason = f"hvp's estimated peak {need / 2**30:.2f} GiB {'fits' if need <= budget else 'exceeds'} the budget {budget / 2**30:.2f} GiB"
+    if need <= budget:
+        return "hvp", f"{reason}: hvp"
+    if dtype_of(model).itemsize < 4:
+        return "hvp", f"{reason}, but fd needs float32 weights: hvp (or give --dtype float32, or --curvature ggn --sketch factored)"
+    return "fd", f"{reason}: fd"
 
 
 @dataclass(frozen=True)

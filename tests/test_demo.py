@@ -3,6 +3,7 @@ configuration; a run killed mid-way continues without redoing finished stages; a
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 import analysis.demo as demo
@@ -42,6 +43,13 @@ def test_every_stage_runs_once_and_writes_its_artifacts(first_run):
     report = (out / "report.md").read_text()
     assert all(section in report for section in SECTIONS)
     assert all(f"(figures/{figure})" in report for figure in ("shift.png", "compare.png", "unlearning.png", "curves.png", "pareto.png"))
+    # the table shows every model's forget quality, p-values below 1e-3 in scientific notation (never 0.000)
+    summary = pd.read_parquet(out / "eval" / "summary.parquet")
+    row = next(line for line in report.splitlines() if line.startswith("| forget quality"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert len(cells) == len(summary)
+    for value, cell in zip(summary["forget quality"], cells):
+        assert float(cell) == pytest.approx(value, rel=0.06, abs=5e-4) and ("e-" in cell) == (0 < value < 1e-3), (value, cell)
 
 
 def test_a_killed_run_continues_without_redoing_finished_stages(first_run, tmp_path, monkeypatch):

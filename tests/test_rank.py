@@ -303,3 +303,9 @@ def test_the_default_curvature_falls_back_to_fd_beyond_the_memory_budget(make_mo
     tight.save(tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "ranking.json").read_text())
     assert saved["settings"]["curvature"] == "fd" and saved["curvature_choice"] == tight.info["curvature_choice"]
+    half = make_model("olmo", dtype=torch.bfloat16)
+    kept = rank(half, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=1e-6), progress=False)
+    assert kept.settings.curvature == "hvp" and "needs float32" in kept.info["curvature_choice"]
+    with pytest.raises(UserError, match="float32"):
+        rank(half, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, curvature="fd"), progress=False)
+
