@@ -27,6 +27,7 @@ double backward. Dropout is switched off (eval mode) for the duration of each ca
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -399,37 +400,32 @@ class LayerCache:
     def depth(self) -> int:
         return 0 if self.blocks is None else len(self.blocks)
 
+    @contextlib.contextmanager
     def record(self):
         self.outputs = [None] * self.depth
-        hooks = [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(self.blocks or ())]
-        return _Removing(hooks, [])
 
-    def _keeper(self, i: int):
-        def keep(module, args, output):
-            self.outputs[i] = output
-        return keep
+        def keeper(i: int):
+            def keep(module, args, output):
+                self.outputs[i] = output
+            return keep
 
+        hooks = [block.register_forward_hook(keeper(i)) for i, block in enumerate(self.blocks or ())]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @contextlib.contextmanager
     def skip_below(self, start: int):
-        patched = []
-        for i in range(min(start, self.depth)):
-            block = self.blocks[i]
-            block.forward = (lambda out: (lambda *args, **kwargs: out))(self.outputs[i])
-            patched.append(block)
-        return _Removing([], patched)
-
-
-class _Removing:
-    def __init__(self, hooks, patched):
-        self.hooks, self.patched = hooks, patched
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-        for block in self.patched:
-            del block.forward
+        patched = list(self.blocks[: min(start, self.depth)]) if self.blocks is not None else []
+        for block, output in zip(patched, self.outputs):
+            block.forward = (lambda out: (lambda *args, **kwargs: out))(output)
+        try:
+            yield
+        finally:
+            for block in patched:
+                del block.forward
 
 
 def first_block(model: nn.Module, cache: LayerCache, batch: Batch, groups: Sequence[Group], loss_fn: LossFn) -> dict[str, int]:
