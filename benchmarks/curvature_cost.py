@@ -62,12 +62,9 @@ def run(testbed: Path, granularities, methods, max_examples: int | None, threads
 
 
 def plot(table, path: Path) -> None:
-    import matplotlib
+    from analysis.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (cost, agree) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (cost, agree) = new_figure((12, 4.5), ncols=2)
     for method, rows in table.groupby("method", sort=False):
         rows = rows.sort_values("n_groups")
         cost.plot(rows["n_groups"], rows["curvature_over_gradient_pass"], "o-", label=method)
@@ -82,9 +79,7 @@ def plot(table, path: Path) -> None:
         ax.legend(title="--curvature", fontsize=8)
     n = int(table["n_forget"].iloc[0]), int(table["n_retain"].iloc[0])
     fig.suptitle(f"soir rank on the default testbed's finetuned model ({n[0]} forget + {n[1]} retain rows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

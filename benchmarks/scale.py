@@ -27,28 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from shift_memory import peak_rss_mb  # noqa: E402  (a command's peak RSS and time in a fresh process)
 
 SIZES = ("128x2", "128x8", "256x4", "256x16", "512x8")
-
-
-def peak_rss_mib(command: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a command run in a fresh process (its own rusage, from wait4)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
 def build_model(data: Path, size: str, out: Path) -> dict:
@@ -79,12 +70,12 @@ def run_size(data: Path, size: str, curvatures: list[str], max_examples: int, ba
     model_dir = work / size
     info = json.loads(subprocess.check_output([sys.executable, __file__, "--build", str(model_dir), "--data", str(data), "--sizes", size]))
     python = sys.executable
-    yard_rss, yard_s = peak_rss_mib([python, __file__, "--gradient-pass", str(model_dir), "--data", str(data),
+    yard_rss, yard_s = peak_rss_mb([python, __file__, "--gradient-pass", str(model_dir), "--data", str(data),
                                      "--max-examples", str(max_examples), "--batch-size", str(batch_size)])
     rows = []
     for curvature in curvatures:
         out = work / f"{size}-{curvature}"
-        rss, wall = peak_rss_mib([str(Path(python).with_name("soir")), "rank", "--model", str(model_dir), "--forget", str(data / "forget.parquet"),
+        rss, wall = peak_rss_mb([str(Path(python).with_name("soir")), "rank", "--model", str(model_dir), "--forget", str(data / "forget.parquet"),
                                   "--retain", str(data / "retain.parquet"), "--curvature", curvature, "--max-examples", str(max_examples),
                                   "--batch-size", str(batch_size), "--no-progress", "--out", str(out)])
         ranking = json.loads((out / "ranking.json").read_text())
@@ -111,12 +102,9 @@ def run_size(data: Path, size: str, curvatures: list[str], max_examples: int, ba
 
 
 def plot(table, path: Path) -> None:
-    import matplotlib
+    from analysis.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = new_figure((15, 4.5), ncols=3)
     for curvature, rows in table.groupby("curvature"):
         rows = rows.sort_values("n_params")
         axes[0].plot(rows["n_params"] / 1e6, rows["wall_s"], "o-", label=f"soir rank, --curvature {curvature}")
@@ -136,9 +124,7 @@ def plot(table, path: Path) -> None:
         ax.legend(fontsize=8)
     n = int(table["n_forget"].iloc[0])
     fig.suptitle(f"soir rank on random-init OLMo models, {n} forget + {n} retain rows, 2 CPU threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -61,12 +61,9 @@ def run(testbed: Path, scores, sizes, seeds: int, threads: int) -> list[dict]:
 
 
 def plot(table, path: Path) -> None:
-    import matplotlib
+    from analysis.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure((7, 4.5))
     summary = table.groupby(["score", "retain_rows"])["spearman_to_full"].agg(["mean", "std"]).reset_index()
     for score, rows in summary.groupby("score", sort=False):
         ax.errorbar(rows["retain_rows"], rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3, label=score)
@@ -74,9 +71,7 @@ def plot(table, path: Path) -> None:
            title=f"Ranking stability ({int(table['n_groups'].iloc[0])} tensor groups; mean ± std over draws)")
     ax.grid(alpha=0.3)
     ax.legend(title="--score", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

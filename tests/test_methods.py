@@ -22,7 +22,15 @@ from soir.mask import Mask
 from soir.models import ModelSettings, save_model
 from soirlab.cli import main
 from tests.conftest import neuron_selection
-from tests.test_objectives import V, X, Table, TableReference
+from tests.test_objectives import (
+    Table,
+    TableReference,
+    V,
+    X,
+    make_batch,
+    mean_nll,
+    token_logprobs,
+)
 from unlearn.loop import Trainer, TrainSettings
 from unlearn.objectives import (
     IDK_STREAM,
@@ -44,14 +52,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------- fixed logits, by hand
 
 
-def make_batch(labels, seed):
-    labels = torch.tensor(labels)
-    ids = torch.randint(0, V, labels.shape, generator=torch.Generator().manual_seed(seed))
-    ids = torch.where(labels == X, ids, labels)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
 def random_logits(batch, seed, scale=2.0):
+    """float64 logits (test_objectives' are float32): these tests compare to 1e-9 or tighter."""
     generator = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(*batch["labels"].shape, V, generator=generator, dtype=torch.float64)).requires_grad_()
 
@@ -61,23 +63,6 @@ FORGET = make_batch([[X, X, 3, 1, 4, X], [X, 2, 6, X, X, X]], seed=1)
 IDK = make_batch([[X, X, 5, 5, X, X], [X, 2, 0, 1, 3, X]], seed=3)
 RETAIN = make_batch([[X, 5, 0, 2], [X, X, X, 1], [X, 4, X, X]], seed=2)
 BATCHES = {"forget": FORGET, IDK_STREAM: IDK, "retain": RETAIN}
-
-
-def token_logprobs(logits, labels):
-    """Per example: the log-probabilities of its labelled tokens (logits at t-1 predict labels[t])."""
-    rows = []
-    for i in range(labels.shape[0]):
-        values = []
-        for t in range(1, labels.shape[1]):
-            if labels[i, t] != X:
-                z = logits[i, t - 1].detach().double()
-                values.append(float(z[labels[i, t]] - torch.logsumexp(z, 0)))
-        rows.append(values)
-    return rows
-
-
-def mean_nll(logits, labels):
-    return sum(-sum(r) / len(r) for r in token_logprobs(logits, labels)) / labels.shape[0]
 
 
 def log_sigmoid(z):
