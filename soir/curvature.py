@@ -305,6 +305,15 @@ def _require_grad(model: nn.Module, names: Iterable[str]):
     return params, flags
 
 
+def group_direction(group: Group, vectors: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """v restricted to the group, as full tensors of its parameters: the vectors themselves for
+    whole-tensor groups, zero outside the slices for neuron groups (which restricts H to them)."""
+    members = group.param_names
+    if all(s.dim is None for s in group.slices):
+        return {m: vectors[m].to(params[m]) for m in members}
+    return scatter(group, gather(group, vectors).to(params[members[0]]), params)
+
+
 def hvp_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
                         bar=None, loss_fn: LossFn = example_losses) -> dict[str, float]:
     """Exact v_Sᵀ H_SS v_S of the split loss for every group S, with v = `vectors` (full-size tensors).
@@ -319,7 +328,6 @@ def hvp_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequ
     device = device_of(model)
     params, flags = _require_grad(model, names)
     c = {g.name: 0.0 for g in groups}
-    whole = {g.name: all(s.dim is None for s in g.slices) for g in groups}
     try:
         with eval_mode(model), torch.enable_grad():
             for batch in batches:
@@ -328,10 +336,7 @@ def hvp_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequ
                 grads = dict(zip(names, torch.autograd.grad(loss, [params[x] for x in names], create_graph=True, allow_unused=True)))
                 for g in groups:
                     members = g.param_names
-                    if whole[g.name]:
-                        v = {m: vectors[m].to(params[m]) for m in members}
-                    else:
-                        v = scatter(g, gather(g, vectors).to(params[members[0]]), params)
+                    v = group_direction(g, vectors, params)
                     dot = sum((grads[m] * v[m]).sum() for m in members if grads[m] is not None and grads[m].requires_grad)
                     if isinstance(dot, Tensor):
                         hv = torch.autograd.grad(dot, [params[m] for m in members], retain_graph=True, allow_unused=True)
@@ -428,15 +433,13 @@ class LayerCache:
                 del block.forward
 
 
-def first_block(model: nn.Module, cache: LayerCache, batch: Batch, groups: Sequence[Group], loss_fn: LossFn) -> dict[str, int]:
-    """Per group, the first block whose input its parameters can change: its own block, the
-    top of the stack for modules that run after every block (final norm, an untied head), 0 for
-    those that run before (embeddings; a tied head counts as the embedding)."""
-    if cache.depth == 0:
-        return {g.name: 0 for g in groups}
+def first_block(model: nn.Module, cache: LayerCache, groups: Sequence[Group], forward: Callable[[], Tensor]) -> tuple[dict[str, int], Tensor]:
+    """Per group, the first block whose input its parameters can change (its own block; the top
+    of the stack for modules that run after every block, such as the final norm and an untied
+    head; 0 for those that run before, such as embeddings and a tied head), read from the order
+    in which modules run in `forward()`; and what `forward()` returned."""
     order: dict[str, int] = {}
     blocks_done = [0]
-    modules = dict(model.named_modules())
 
     def seen(name: str):
         def pre_hook(module, args):
@@ -446,22 +449,16 @@ def first_block(model: nn.Module, cache: LayerCache, batch: Batch, groups: Seque
     def block_done(module, args, output):
         blocks_done[0] += 1
 
-    hooks = [m.register_forward_pre_hook(seen(name)) for name, m in modules.items() if not isinstance(m, nn.ModuleList)]
-    hooks += [b.register_forward_hook(block_done) for b in cache.blocks]
+    hooks = [m.register_forward_pre_hook(seen(name)) for name, m in model.named_modules() if not isinstance(m, nn.ModuleList)]
+    hooks += [b.register_forward_hook(block_done) for b in cache.blocks or ()]
     try:
-        with torch.no_grad():
-            loss_fn(model, batch)
+        output = forward()
     finally:
         for hook in hooks:
             hook.remove()
-    starts = {}
-    for g in groups:
-        if g.layer is not None:
-            starts[g.name] = g.layer
-        else:
-            owners = [name.rsplit(".", 1)[0] if "." in name else "" for name in g.param_names]
-            starts[g.name] = min(order.get(owner, 0) for owner in owners)
-    return starts
+    owners = {g.name: [name.rsplit(".", 1)[0] if "." in name else "" for name in g.param_names] for g in groups}
+    starts = {g.name: g.layer if g.layer is not None else min(order.get(owner, 0) for owner in owners[g.name]) for g in groups}
+    return starts, output
 
 
 def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
@@ -481,33 +478,29 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
     device = device_of(model)
     named = dict(model.named_parameters())
     cache = LayerCache(model)
-    directions, scales = {}, {}
+    scales = {}
     for g in groups:
-        members = g.param_names
-        if all(s.dim is None for s in g.slices):
-            v = {m: vectors[m].to(named[m]) for m in members}
-        else:
-            v = scatter(g, gather(g, vectors).to(named[members[0]]), named)
-        v_norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in v.values())))
-        theta_norm = float(torch.sqrt(sum((named[m].detach().double() ** 2).sum() for m in members)))
+        v_norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in group_direction(g, vectors, named).values())))
+        theta_norm = float(torch.sqrt(sum((named[m].detach().double() ** 2).sum() for m in g.param_names)))
         scales[g.name] = step * max(theta_norm, 1.0) / v_norm if v_norm > 0 else 0.0
-        directions[g.name] = v
     c = {g.name: 0.0 for g in groups}
     starts = None
     with eval_mode(model), torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
-            if starts is None:
-                starts = first_block(model, cache, batch, groups, loss_fn)
             with cache.record():
-                centre = float(loss_fn(model, batch).double().sum())
+                if starts is None:
+                    starts, losses = first_block(model, cache, groups, lambda: loss_fn(model, batch))
+                else:
+                    losses = loss_fn(model, batch)
+            centre = float(losses.double().sum())
             for g in groups:
+                if bar is not None:
+                    bar.update(1)
                 h = scales[g.name]
                 if h == 0.0:
-                    if bar is not None:
-                        bar.update(1)
                     continue
-                v = directions[g.name]
+                v = group_direction(g, vectors, named)
                 kept = {m: named[m].detach().clone() for m in v}
                 sides = []
                 with cache.skip_below(starts[g.name]):
@@ -518,8 +511,6 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
                 for m in v:
                     named[m].copy_(kept[m])
                 c[g.name] += (sides[0] + sides[1] - 2.0 * centre) / (h * h * n)
-                if bar is not None:
-                    bar.update(1)
     return c
 
 

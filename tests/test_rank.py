@@ -106,12 +106,12 @@ def test_replayed_blocks_give_the_full_forward(make_model, tokenizer, qa_frame, 
     batch = split_batches(encode(qa_frame, tokenizer), pad_id(tokenizer), 4)[0]
     groups = parameter_groups(model, "tensor")
     cache = LayerCache(model)
-    starts = first_block(model, cache, batch, groups, example_losses)
-    assert cache.depth == 2 and min(starts.values()) == 0 and max(starts.values()) == (1 if arch == "gpt2" else 2)  # gpt2 ties its head
     named = dict(model.named_parameters())
     with torch.no_grad():
         with cache.record():
-            example_losses(model, batch)
+            starts, recorded = first_block(model, cache, groups, lambda: example_losses(model, batch))
+        assert torch.equal(recorded, example_losses(model, batch))
+        assert cache.depth == 2 and min(starts.values()) == 0 and max(starts.values()) == (1 if arch == "gpt2" else 2)  # gpt2 ties its head
         for g in groups:
             kept = {m: named[m].clone() for m in g.param_names}
             for m in g.param_names:
