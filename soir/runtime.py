@@ -7,16 +7,18 @@ Each is defined once here; stages import these names rather than keeping their o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import platform
 from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-try:  # notebook progress bars need ipywidgets; without it tqdm.auto only warns, so use the text bar
-    import ipywidgets  # noqa: F401
+# notebook progress bars need ipywidgets; without it tqdm.auto only warns, so use the text bar
+# (find_spec looks for it without importing it)
+if importlib.util.find_spec("ipywidgets") is not None:
     from tqdm.auto import tqdm
-except ImportError:
+else:
     from tqdm.std import tqdm
 
 Batch = Mapping[str, Tensor]
