@@ -17,9 +17,9 @@ from torch import Tensor, nn
 # notebook progress bars need ipywidgets; without it tqdm.auto only warns, so use the text bar
 # (find_spec looks for it without importing it)
 if importlib.util.find_spec("ipywidgets") is not None:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: F401  (re-exported: the stages' progress bar)
 else:
-    from tqdm.std import tqdm
+    from tqdm.std import tqdm  # noqa: F401
 
 Batch = Mapping[str, Tensor]
 
