@@ -26,10 +26,10 @@ class ShownFigure(Figure):
         return to_png(self)
 
 
-def new_figure(figsize, ncols: int = 1, **options):
+def new_figure(figsize, ncols: int = 1, nrows: int = 1, **options):
     """(figure, axes) without pyplot."""
     figure = ShownFigure(figsize=figsize, layout="constrained")
-    return figure, figure.subplots(1, ncols, **options)
+    return figure, figure.subplots(nrows, ncols, **options)
 
 
 def to_png(figure, dpi: int = 150) -> bytes:

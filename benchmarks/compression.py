@@ -263,33 +263,35 @@ def ggn_agreement(model, forget, retain, pad, batch_size, max_examples, log):
 # ---------------------------------------------------------------- plot
 
 
-def plot(table: pd.DataFrame, path: Path):
-    import matplotlib
+def plot(table: pd.DataFrame, path: Path, title: str = "all tensor groups"):
+    """Top: Spearman against k per group; bottom: the same points against time per example (the trade-off)."""
+    from analysis.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    summary = table.groupby(["score", "sketch", "k"])["spearman"].agg(["mean", "min", "max"]).reset_index()
-    for ax, score in zip(axes, ("soir", "soir-datainf")):
-        for kind in KINDS:
-            rows = summary[(summary.score == score) & (summary.sketch == kind)]
-            if rows.empty:
-                continue
-            ax.plot(rows["k"], rows["mean"], marker="o", label=kind)
-            ax.fill_between(rows["k"], rows["min"], rows["max"], alpha=0.15)
-        ax.axhline(THESIS["target_all_tensors_k1024"], color="k", ls="--", lw=0.8, label="target 0.95")
-        if score == "soir-datainf":
-            ax.scatter([1024], [THESIS["mlp_only_k1024"]], marker="x", color="grey", label="thesis, MLP only")
-            ax.scatter([1024], [THESIS["all_tensors_k1024"]], marker="+", color="grey", s=80, label="thesis, all tensors")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k per group")
-        ax.set_title(f"{score}: ranking vs exact, all tensor groups")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Spearman ρ")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig, axes = new_figure((11, 8), 2, nrows=2, sharey=True)
+    summary = (table.groupby(["score", "sketch", "k"])[["spearman", "ms_per_example"]]
+               .agg({"spearman": ["mean", "min", "max"], "ms_per_example": "median"}).reset_index())
+    summary.columns = ["score", "sketch", "k", "mean", "min", "max", "ms"]
+    for column, score in enumerate(("soir", "soir-datainf")):
+        for row, x in enumerate(("k", "ms")):
+            ax = axes[row][column]
+            for kind in KINDS:
+                rows = summary[(summary.score == score) & (summary.sketch == kind)]
+                if rows.empty:
+                    continue
+                ax.plot(rows[x], rows["mean"], marker="o", label=kind)
+                ax.fill_between(rows[x], rows["min"], rows["max"], alpha=0.15)
+            ax.axhline(THESIS["target_all_tensors_k1024"], color="k", ls="--", lw=0.8, label="target 0.95")
+            if score == "soir-datainf" and x == "k":
+                ax.scatter([1024], [THESIS["mlp_only_k1024"]], marker="x", color="grey", label="thesis, MLP only")
+                ax.scatter([1024], [THESIS["all_tensors_k1024"]], marker="+", color="grey", s=80, label="thesis, all tensors")
+            ax.set_xscale("log", base=2 if x == "k" else 10)
+            ax.set_xlabel("k per group" if x == "k" else "sketching time per retain example (ms, log)")
+            ax.set_title(f"{score}: ranking vs exact, {title}")
+            ax.grid(alpha=0.3)
+        axes[0][column].set_ylabel("Spearman ρ")
+        axes[1][column].set_ylabel("Spearman ρ")
+    axes[0][1].legend(fontsize=8, loc="lower right")
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -297,6 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="/tmp/demo-default/finetuned")
     p.add_argument("--data", default="/tmp/demo-default/data")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="compression", help="file name prefix of the results (default: %(default)s)")
     p.add_argument("--ks", type=int, nargs="+", default=[2**e for e in range(6, 13)], help="k per group (default: 64 … 4096)")
     p.add_argument("--sketches", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--seeds", type=int, default=1, help="sketch seeds per (sketch, k) (default: 1)")
@@ -334,8 +337,8 @@ def main(argv=None) -> int:
 
     if "accuracy" not in args.skip:
         table, exact_info = accuracy(model, groups, fb, rb, args.ks, args.sketches, args.seeds, args.delta, args.lam, log)
-        table.to_csv(out / "compression.csv", index=False)
-        plot(table, out / "compression.png")
+        table.to_csv(out / f"{args.name}.csv", index=False)
+        plot(table, out / f"{args.name}.png", f"{len(groups)} tensor groups")
         summary["exact"] = exact_info
         at = table[table.k == 1024].groupby(["score", "sketch"])["spearman"].mean().unstack(0)
         summary["spearman_at_k1024"] = at.to_dict()
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
         log("\ntiming on one batch (median):")
         batch = rb[len(rb) // 2]
         ttable, ratios = timing(model, batch, args.timing_k, args.reps, log)
-        ttable.to_csv(out / "compression_timing.csv", index=False)
+        ttable.to_csv(out / f"{args.name}_timing.csv", index=False)
         summary["timing"] = ratios
         log(f"factored / plain = {ratios['factored_over_plain']:.2f}× (target ≤ 1.25); "
             f"vmap+dense / factored = {ratios['dense_over_factored']:.1f}× (target ≥ 20)")
@@ -353,8 +356,8 @@ def main(argv=None) -> int:
         log("\nggn vs exact HVP curvature (soir rankings):")
         summary["ggn_vs_hvp"] = ggn_agreement(model, forget, retain, pad, args.batch_size, args.max_examples, log)
     summary["seconds"] = time.perf_counter() - started
-    (out / "compression.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    log(f"\nwrote {out}/compression.csv, compression_timing.csv, compression.json, compression.png in {summary['seconds']:.0f} s")
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log(f"\nwrote {out}/{args.name}.csv, .json, .png (and {args.name}_timing.csv) in {summary['seconds']:.0f} s")
     return 0
 
 

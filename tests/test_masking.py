@@ -36,16 +36,15 @@ def batch(tokenizer, qa_frame):
     return collate(data.input_ids, data.labels, pad_id(tokenizer))
 
 
-def train(model, masked, batch, steps=3, restore=True):
-    optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-2, weight_decay=0.1)
+def train(model, masked, batch, steps=3, lr=1e-2):
+    trained = list(masked.trained().values())
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.1)
     for _ in range(steps):
         optimizer.zero_grad()
         (-nll(model, batch)).backward()  # gradient ascent
-        masked.mask_gradients()
-        torch.nn.utils.clip_grad_norm_(masked.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        if restore:
-            masked.restore(optimizer)
+        masked.sync()
     return optimizer
 
 
@@ -63,48 +62,106 @@ def test_outside_the_mask_nothing_moves(make_model, batch, arch, kind):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == mask.names
     optimizer = train(model, masked, batch)
     after = snapshot(model)
+    params = dict(model.named_parameters())
+    assert all(p.grad is None for n, p in params.items() if n in mask.elements)  # no dense gradient kept
     for name in before:
         if name not in mask.names:
             assert torch.equal(before[name], after[name]), name
-            assert dict(model.named_parameters())[name].grad is None
+            assert params[name].grad is None
         elif name in mask.tensors:
             assert not torch.equal(before[name], after[name]), name
         else:
-            keep = mask.element_mask(name)
+            keep = mask.element_mask(name).expand(before[name].shape)
             assert torch.equal(before[name][~keep], after[name][~keep]), name
             assert (before[name][keep] != after[name][keep]).all(), name
-            state = optimizer.state[dict(model.named_parameters())[name]]
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert state[key][keep].abs().sum() > 0 and not state[key][~keep].any(), key
+            state = optimizer.state[masked.trained()[name]]
+            for key in ("exp_avg", "exp_avg_sq"):  # optimiser state of the selected entries only
+                assert state[key].shape == (int(keep.sum()),) and state[key].abs().sum() > 0, key
     assert mask.n_selected > 0 and (kind == "tensor" or mask.elements)
 
 
-def test_without_restore_weight_decay_would_leak(make_model, batch):
-    """The control for the test above: AdamW's decay alone moves masked-out entries."""
-    model = make_model("gpt2")
-    mask = make_mask(model, "gpt2", "element")
-    before = snapshot(model)
-    train(model, MaskedParameters(model, mask), batch, steps=1, restore=False)
-    name = next(iter(mask.elements))
-    keep = mask.element_mask(name)
-    assert not torch.equal(before[name][~keep], dict(model.named_parameters())[name].detach()[~keep])
+def dense_masked_training(model, mask, batch, steps, lr=1e-2):
+    """The straightforward way: whole tensors in AdamW, gradients zeroed outside the element masks,
+    masked-out entries and their state put back after each step."""
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        param.requires_grad_(name in mask.names)
+    params = [named[n] for n in mask.names]
+    keeps = {n: mask.element_mask(n).expand(named[n].shape) for n in mask.elements}
+    originals = {n: named[n].detach().clone() for n in keeps}
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (-nll(model, batch)).backward()
+        with torch.no_grad():
+            for name, keep in keeps.items():
+                named[name].grad.masked_fill_(~keep, 0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            for name, keep in keeps.items():
+                named[name].copy_(torch.where(keep, named[name], originals[name]))
+                for value in optimizer.state[named[name]].values():
+                    if value.shape == keep.shape:
+                        value.masked_fill_(~keep, 0)
 
 
-def test_restore_zeroes_optimiser_state_outside_the_mask():
-    """State that reached masked-out entries (e.g. from elsewhere) is cleared, values put back."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compact_entries_train_like_dense_masked_tensors(make_model, batch, arch):
+    """Training the gathered entries is the same optimisation as masking dense gradients and state."""
+    model = make_model(arch)
+    expected = copy.deepcopy(model)
+    mask = make_mask(model, arch, "element")
+    train(model, MaskedParameters(model, mask), batch, steps=3)
+    dense_masked_training(expected, mask, batch, steps=3)
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_gathered_gradient_is_the_dense_one_at_the_selected_entries():
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
     keep = torch.tensor([[True], [False], [True]])
-    masked = MaskedParameters(layer, Mask.from_selection(layer, ["bias"], {"weight": keep}))
-    original = layer.weight.detach().clone()
-    optimizer = torch.optim.AdamW(masked.parameters(), lr=0.1, weight_decay=0.1)
-    layer(torch.randn(5, 4)).square().sum().backward()  # no mask_gradients: the state leaks
-    optimizer.step()
-    state = optimizer.state[layer.weight]
-    assert state["exp_avg"][1].abs().sum() > 0 and not torch.equal(layer.weight[1], original[1])
-    masked.restore(optimizer)
-    assert not state["exp_avg"][1].any() and not state["exp_avg_sq"][1].any() and state["exp_avg"][0].abs().sum() > 0
-    assert torch.equal(layer.weight[1], original[1]) and not torch.equal(layer.weight[0], original[0])
+    x = torch.randn(5, 4)
+    dense = torch.autograd.grad(layer(x).square().sum(), layer.weight)[0]
+    with MaskedParameters(layer, Mask.from_selection(layer, ["bias"], {"weight": keep})) as masked:
+        for _ in range(2):  # two backwards accumulate, as with gradient accumulation
+            layer(x).square().sum().backward()
+        assert layer.weight.grad is None
+        assert torch.equal(masked.trained()["weight"].grad, 2 * dense[keep.expand(3, 4)])
+        assert masked.trained()["bias"] is layer.bias and layer.bias.grad is not None
+    layer.zero_grad(set_to_none=True)
+    layer(x).square().sum().backward()  # leaving the context removed the hook
+    assert torch.equal(layer.weight.grad, dense)
+
+
+def test_half_precision_weights_train_through_a_float32_master():
+    """Updates far below bf16's resolution add up in the master and reach the weights."""
+    layer = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)  # bf16's spacing at 1.0 is 2**-7
+    untouched = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    before = untouched.weight.detach().clone()
+    masked = MaskedParameters(layer, Mask.from_names(layer, ["weight"]))
+    master = masked.trained()["weight"]
+    assert master.dtype == torch.float32 and master is not layer.weight
+    optimizer = torch.optim.SGD([master], lr=1e-3)
+    naive = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        naive.weight.fill_(1.0)
+    naive_optimizer = torch.optim.SGD(naive.parameters(), lr=1e-3)
+    x = torch.ones(1, 4, dtype=torch.bfloat16)
+    for _ in range(20):
+        optimizer.zero_grad()
+        layer(x).sum().backward()  # gradient 1 per entry: each step moves 1e-3
+        optimizer.step()
+        masked.sync()
+        naive_optimizer.zero_grad()
+        naive(x).sum().backward()
+        naive_optimizer.step()
+    assert torch.equal(naive.weight, torch.ones_like(naive.weight))  # in bf16 alone every step rounds away
+    torch.testing.assert_close(master, torch.full_like(master, 1 - 20e-3))
+    assert torch.equal(layer.weight.detach(), master.detach().view(1, 4).to(torch.bfloat16)) and layer.weight.dtype == torch.bfloat16
+    assert torch.equal(untouched.weight, before)
 
 
 @pytest.mark.parametrize("kind", ["tensor", "element"])
@@ -115,7 +172,7 @@ def test_swap_reference_is_the_original_model(make_model, batch, arch, kind):
     mask = make_mask(model, arch, kind)
     masked = MaskedParameters(model, mask)
     reference = make_reference(model, mask, masked.snapshot_selected())
-    assert isinstance(reference, SwapReference)
+    assert isinstance(reference, SwapReference) and reference.n_stored == mask.n_selected  # the selected entries only
     train(model, masked, batch, steps=2)
     model.train()
     with torch.no_grad():
@@ -125,7 +182,8 @@ def test_swap_reference_is_the_original_model(make_model, batch, arch, kind):
 
     trained = snapshot(model)
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-    model.zero_grad()
+    for param in masked.trained().values():
+        param.grad = None
     loss = nll(model, batch)  # a graph built before the reference call must survive it
     got = reference.logits(batch)
     loss.backward()
@@ -134,10 +192,11 @@ def test_swap_reference_is_the_original_model(make_model, batch, arch, kind):
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), trained[name]) and param.data_ptr() == pointers[name], name
 
-    grads = {n: p.grad.clone() for n, p in masked.named_parameters()}
-    model.zero_grad()
+    grads = {n: p.grad.clone() for n, p in masked.trained().items()}
+    for param in masked.trained().values():
+        param.grad = None
     nll(model, batch).backward()
-    for name, param in masked.named_parameters():
+    for name, param in masked.trained().items():
         assert torch.equal(param.grad, grads[name]), name
 
 
@@ -163,14 +222,13 @@ def test_objective_with_masked_training_keeps_the_rest(make_model, batch):
     masked = MaskedParameters(model, mask)
     reference = make_reference(model, mask)
     objective = get_objective("npo", ObjectiveSettings(beta=0.5))
-    optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(masked.trained().values(), lr=1e-2, weight_decay=0.1)
     for _ in range(2):
         optimizer.zero_grad()
         loss, _ = objective(model, {"forget": batch, "retain": batch}, reference)
         loss.backward()
-        masked.mask_gradients()
         optimizer.step()
-        masked.restore(optimizer)
+        masked.sync()
     after = snapshot(model)
     for name in before:
         keep = mask.element_mask(name)

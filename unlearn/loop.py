@@ -71,6 +71,8 @@ class TrainSettings:
     eval_every: int = setting(0, "log teacher-forced answer accuracy every N steps (0: off)", metavar="N")
     save_every: int = setting(0, "checkpoint every N steps for --resume (0: off)", metavar="N")
     keep_checkpoints: int = setting(2, "checkpoints kept")
+    gradient_checkpointing: bool = setting(False, "recompute each block's activations during backward instead of keeping them "
+                                                  "(transformers' gradient checkpointing): less memory for about one more forward")
     seed: int = 0
     progress: bool = True
 
@@ -121,6 +123,18 @@ class TrainResult:
     train: dict | None = None
 
 
+def gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """transformers' gradient checkpointing, non-reentrant (it works with frozen inputs and double
+    backward); transformers 5 calls it activation checkpointing."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing: run without --gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs) if on else model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on else model.gradient_checkpointing_disable()
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -150,11 +164,11 @@ def checkpoint_problem(path: Path) -> str | None:
 class Trainer:
     """Runs an objective over named batch streams, training only `parameters`.
 
-    `before_clip` and `after_step` let masked training act between backward and clipping and
-    after the optimiser step (`before_clip` also runs after the backward of a Hessian pass, so
-    its gradient is masked before it enters the optimiser's curvature state); `on_start(step)`
-    runs once before training, with the step resumed from (None for a fresh start);
-    `reference` is handed to the objective.
+    `parameters` are the tensors the optimiser updates (default: the model's parameters with
+    requires_grad); when they are copies of the model's (masked training: `MaskedParameters`),
+    `sync()` writes them into the model after every optimiser step and after a checkpoint is
+    loaded. `on_start(step)` runs once before training, with the step resumed from (None for a
+    fresh start); `reference` is handed to the objective.
     """
 
     def __init__(
@@ -164,11 +178,10 @@ class Trainer:
         streams: Mapping[str, Callable[[int], dict]],
         settings: TrainSettings,
         out: str | Path,
-        parameters: Mapping[str, torch.nn.Parameter] | None = None,
+        parameters: Mapping[str, torch.Tensor] | None = None,
         eval_callback: EvalCallback | None = None,
         reference=None,
-        before_clip: Callable[[], None] | None = None,
-        after_step: Callable[[], None] | None = None,
+        sync: Callable[[], None] | None = None,
         on_start: Callable[[int | None], None] | None = None,
     ):
         missing = [s for s in objective.streams if s not in streams]
@@ -180,7 +193,7 @@ class Trainer:
         self.names = {id(p): n for n, p in self.params.items()}
         self.optimizer = make_optimizer(settings.optimizer, self.params.values(), settings)
         self.eval_callback, self.reference = eval_callback, reference
-        self.before_clip, self.after_step, self.on_start = before_clip, after_step, on_start
+        self.sync, self.on_start = sync, on_start
         self.step = 0
 
     # ------------------------------------------------------------ checkpoints
@@ -238,11 +251,13 @@ class Trainer:
             raise UserError(f"checkpoint {path} was made with other training settings ({'; '.join(changed)}): resume with the same ones")
         weights = load_file(path / "weights.safetensors")
         optim = load_file(path / "optimizer.safetensors")
-        if set(weights) != set(self.params):
+        if set(weights) != set(self.params) or any(weights[n].shape != p.shape for n, p in self.params.items()):
             raise UserError(f"checkpoint {path} trains other tensors than this run: resume with the same mask and model")
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(weights[name])
+        if self.sync is not None:
+            self.sync()
         torch.set_rng_state(optim.pop("::rng_cpu"))
         cuda_rng = optim.pop("::rng_cuda", None)
         if cuda_rng is not None and torch.cuda.is_available():
@@ -262,7 +277,8 @@ class Trainer:
         """The Gauss–Newton–Bartlett pass of update `self.step` (Sophia's Algorithm 2), for an
         optimiser with `hessian_every`: on the step's batches (every micro-batch, the objective's
         `hessian_streams`), ĝ = ∇ of the mean CE against labels sampled from the model over all B
-        labelled positions; the optimiser gets ĝ in `.grad`, masked, and B (`update_hessian(B)`).
+        labelled positions; the optimiser gets ĝ in `.grad` (of the selected entries only, under a
+        mask) and B (`update_hessian(B)`).
         The labels come from a generator seeded by (seed, step), so a resumed run draws the same ones.
         As in the paper, the pass runs before the update it serves and its gradient is not clipped
         (the reference implementation refreshes after the update, on the next batch, and clips it).
@@ -282,8 +298,6 @@ class Trainer:
                 for param in self.params.values():
                     if param.grad is not None:
                         param.grad.div_(count)
-            if self.before_clip is not None:
-                self.before_clip()
             self.optimizer.update_hessian(count)
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -309,6 +323,16 @@ class Trainer:
         if self.on_start is not None:
             self.on_start(resumed_from)
         self.model.train()
+        if s.gradient_checkpointing:
+            gradient_checkpointing(self.model, True)
+        try:
+            return self._train_loop(resumed_from, log_path)
+        finally:
+            if s.gradient_checkpointing:
+                gradient_checkpointing(self.model, False)
+
+    def _train_loop(self, resumed_from: int | None, log_path: Path) -> TrainResult:
+        s = self.settings
         start, tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress, desc="train", unit="step", dynamic_ncols=True)
         hessian_every = getattr(self.optimizer, "hessian_every", 0)
@@ -334,15 +358,13 @@ class Trainer:
                     last = self.latest_checkpoint(self.out)
                     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
                     raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}; {kept}; lower --lr or raise --warmup")
-                if self.before_clip is not None:
-                    self.before_clip()
                 grad_norm = None
                 if s.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.after_step is not None:
-                    self.after_step()
+                if self.sync is not None:
+                    self.sync()
                 self.step += 1
                 loss_value = total
                 row = {"step": self.step, "lr": lr, "loss": total, **components, "grad_norm": grad_norm, "seconds": round(time.perf_counter() - start, 4)}

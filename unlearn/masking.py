@@ -1,17 +1,23 @@
 """Masked optimisation: only the parameters a `Mask` selects may change (docs/design.md §7).
 
 Parameters outside the mask get requires_grad=False and are never given to the optimiser,
-so no gradient, weight decay or momentum reaches them. A parameter with an element mask is
-in the optimiser whole; per step the loop calls
+so no gradient, weight decay or momentum reaches them. The optimiser trains `trained()`:
 
-    loss.backward()
-    masked.mask_gradients()          # before clipping: the norm counts selected entries only
-    clip_grad_norm_(masked.parameters(), ...)
+- a float32 (or float64) tensor selected whole: the parameter itself;
+- an element-masked tensor: a vector of its selected entries only;
+- a bf16/fp16 tensor selected whole: a float32 master copy of it.
+
+For the last two, a hook moves the parameter's gradient into the trained tensor as soon as
+backward has accumulated it (gathering the selected entries; upcast to float32 from half precision) and drops the dense
+gradient, so no dense gradient or optimiser state of a partly selected tensor is kept, and
+half-precision weights get float32 updates. After each optimiser step `sync()` writes the
+trained tensors back into the model; entries outside the mask are never written, so they stay
+bit-identical. Per step:
+
+    loss.backward()                  # hooks gather the selected gradients
+    clip_grad_norm_(masked.trained().values(), ...)
     optimizer.step()
-    masked.restore(optimizer)        # after the step: undo weight decay on masked-out entries
-
-`restore` copies the original values back into the masked-out entries and zeroes their
-optimiser state (exp_avg, exp_avg_sq, momentum buffers), so they stay bit-identical.
+    masked.sync()
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import torch
 
 from soir.mask import Mask
 
+FULL_PRECISION = (torch.float32, torch.float64)
+
 
 class MaskedParameters:
-    """Freeze `model` outside `mask` and hand the optimiser the selected parameters."""
+    """Freeze `model` outside `mask` and hand the optimiser the selected entries (a context
+    manager: leaving it removes the gradient hooks)."""
 
     def __init__(self, model, mask: Mask):
         mask.check_fits(model)
@@ -32,45 +41,70 @@ class MaskedParameters:
         for name, param in named.items():
             param.requires_grad_(name in selected)
         self._named = [(name, named[name]) for name in mask.names]
-        # name -> (parameter, bool mask on its device, copy of the original values)
-        self._elements = {
-            name: (named[name], m.to(named[name].device), named[name].detach().clone())
-            for name, m in mask.elements.items()
-        }
+        self._trained: dict[str, torch.Tensor] = {}
+        self._copies: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []  # (parameter, trained, flat index)
+        self._hooks = []
+        for name, param in self._named:
+            keep = mask.elements.get(name)
+            if keep is None and param.dtype in FULL_PRECISION:
+                self._trained[name] = param
+                continue
+            index = None if keep is None else keep.to(param.device).expand(param.shape).reshape(-1).nonzero().squeeze(1)
+            values = param.detach() if index is None else param.detach().reshape(-1)[index]
+            master = torch.nn.Parameter(values.to(_master_dtype(param.dtype), copy=True))
+            self._trained[name] = master
+            self._copies.append((param, master, index))
+            self._hooks.append(param.register_post_accumulate_grad_hook(_gather_into(master, index)))
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters to give the optimiser (selected whole or in part)."""
-        return [p for _, p in self._named]
+    def __enter__(self) -> "MaskedParameters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the model is left as trained)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """name -> the tensor the optimiser updates (see the module docstring)."""
+        return dict(self._trained)
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's selected parameters, whole."""
         return list(self._named)
 
-    @property
-    def has_elements(self) -> bool:
-        return bool(self._elements)
-
     @torch.no_grad()
-    def mask_gradients(self) -> None:
-        """Zero the gradient entries outside the element masks. Call before gradient clipping."""
-        for param, keep, _ in self._elements.values():
-            if param.grad is not None:
-                param.grad.masked_fill_(~keep, 0)
-
-    @torch.no_grad()
-    def restore(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Copy the original values back into masked-out entries; zero their optimiser state.
-
-        Call after every `optimizer.step()`. Any state tensor shaped like the parameter
-        (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq; SGD's momentum_buffer) is zeroed there.
-        """
-        for param, keep, original in self._elements.values():
-            param.copy_(torch.where(keep, param, original))
-            if optimizer is not None:
-                for value in optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(value) and value.shape == param.shape:
-                        value.masked_fill_(~keep, 0)
+    def sync(self) -> None:
+        """Write the trained copies into the model's parameters (their selected entries only)."""
+        for param, master, index in self._copies:
+            if index is None:
+                param.data.copy_(master)
+            else:
+                param.data.view(-1).index_copy_(0, index, master.to(param.dtype))
 
     @torch.no_grad()
     def snapshot_selected(self) -> dict[str, torch.Tensor]:
         """Copies of the current values of the selected tensors (whole tensors, also element-masked ones)."""
         return {name: param.detach().clone() for name, param in self._named}
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in FULL_PRECISION else torch.float32
+
+
+def _gather_into(master: torch.Tensor, index: torch.Tensor | None):
+    """A post-accumulate-grad hook: add the parameter's gradient (its `index` entries) to `master.grad`
+    in the master's precision, then free the parameter's dense gradient."""
+
+    def hook(param: torch.nn.Parameter) -> None:
+        grad = (param.grad if index is None else param.grad.reshape(-1)[index]).to(master.dtype)  # a new tensor: a gather or an upcast
+        if master.grad is None:
+            master.grad = grad
+        else:
+            master.grad.add_(grad)
+        param.grad = None
+
+    return hook

@@ -1,6 +1,6 @@
 """The reference model of KL and NPO: the model before unlearning (docs/design.md §7).
 
-Masked unlearning changes only the selected tensors, so the reference needs the original
+Masked unlearning changes only the selected entries, so the reference needs the original
 values of those alone: `SwapReference` keeps a copy of them and swaps it in for the
 reference forward pass, instead of holding a second full model. Only when the mask is
 everything does `make_reference` fall back to `CopyReference`, a full deep copy.
@@ -27,20 +27,36 @@ Batch = dict[str, torch.Tensor]
 class SwapReference:
     """The original values of `selected_names`, swapped into `model` for each reference forward.
 
-    The swap rebinds each parameter's storage (`param.data = original`) and rebinds the
-    current storage afterwards, so the current values come back bit for bit with no copy.
-    `originals` (name → tensor) may be given, e.g. `MaskedParameters.snapshot_selected()`
-    taken before training; otherwise the current values are copied now.
+    A whole tensor is swapped by rebinding its storage (`param.data = original`) and rebinding
+    the current storage afterwards, so the current values come back bit for bit with no copy.
+    For a tensor in `elements` (name -> bool mask broadcastable to it) only the selected entries'
+    originals are kept, and written in and back out around the forward. `originals` (name ->
+    whole tensor) may be given, e.g. `MaskedParameters.snapshot_selected()` taken before
+    training; otherwise the current values are copied now.
     """
 
-    def __init__(self, model, selected_names: Iterable[str], originals: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, model, selected_names: Iterable[str], originals: Mapping[str, torch.Tensor] | None = None,
+                 elements: Mapping[str, torch.Tensor] | None = None):
         self.model = model
         named = dict(model.named_parameters())
         names = list(dict.fromkeys(selected_names))
         missing = [n for n in names if n not in named]
         if missing:
             raise KeyError(f"the model has no parameters {missing[:3]}")
-        self._params = [(named[n], self._original(named[n], n, originals)) for n in names]
+        elements = elements or {}
+        self._params = [(named[n], self._original(named[n], n, originals)) for n in names if n not in elements]
+        self._entries = []  # (parameter, flat index of its selected entries, their original values)
+        for name in names:
+            if name in elements:
+                param = named[name]
+                index = elements[name].to(param.device).expand(param.shape).reshape(-1).nonzero().squeeze(1)
+                source = param.detach() if originals is None else self._original(param, name, originals)
+                self._entries.append((param, index, source.reshape(-1)[index].clone()))
+
+    @property
+    def n_stored(self) -> int:
+        """How many original values the reference keeps."""
+        return sum(o.numel() for _, o in self._params) + sum(o.numel() for _, _, o in self._entries)
 
     @staticmethod
     def _original(param, name, originals) -> torch.Tensor:
@@ -55,14 +71,19 @@ class SwapReference:
     def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """`fn(model)` with the original values swapped in, in eval mode and without grad."""
         current = [param.data for param, _ in self._params]
+        entries = [param.data.view(-1)[index] for param, index, _ in self._entries]  # a gather: a copy
         try:
             for param, original in self._params:
                 param.data = original
+            for param, index, original in self._entries:
+                param.data.view(-1).index_copy_(0, index, original)
             with eval_mode(self.model):
                 return fn(self.model)
         finally:
             for (param, _), data in zip(self._params, current):
                 param.data = data
+            for (param, index, _), values in zip(self._entries, entries):
+                param.data.view(-1).index_copy_(0, index, values)
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -88,7 +109,8 @@ class CopyReference:
 
 
 def make_reference(model, mask: Mask, originals: Mapping[str, torch.Tensor] | None = None):
-    """`CopyReference` when `mask` selects every parameter whole, else a `SwapReference` of its tensors."""
+    """`CopyReference` when `mask` selects every parameter whole, else a `SwapReference` of its
+    tensors (of the selected entries only, for element-masked ones)."""
     if mask.is_full:
         return CopyReference(model)
-    return SwapReference(model, mask.names, originals)
+    return SwapReference(model, mask.names, originals, mask.elements)

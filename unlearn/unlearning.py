@@ -236,7 +236,7 @@ def unlearn_model(
         out = Path(out)
         stack.callback(_restore_flags, model, flags)
         # masked parameters and the reference, from the model as it was before unlearning
-        masked = MaskedParameters(model, mask)
+        masked = stack.enter_context(MaskedParameters(model, mask))
         reference = make_reference(model, mask) if unlearning.needs_reference else None
         out.mkdir(parents=True, exist_ok=True)
         mask.save(out)
@@ -254,11 +254,8 @@ def unlearn_model(
 
         trainer = Trainer(
             model, unlearning, {name: _on_device(st, device) for name, st in streams.items() if name in unlearning.streams}, train, out,
-            parameters=dict(masked.named_parameters()), eval_callback=callback, reference=reference,
-            before_clip=masked.mask_gradients if masked.has_elements else None, on_start=on_start,
+            parameters=masked.trained(), eval_callback=callback, reference=reference, sync=masked.sync, on_start=on_start,
         )
-        if masked.has_elements:
-            trainer.after_step = lambda: masked.restore(trainer.optimizer)
         done = trainer.train(resume=resume)
         evals = [json.loads(line) for line in callback.path.read_text().splitlines()] if callback is not None else []
     return UnlearnResult(**{**asdict(done), "evals": evals, "train": asdict(train)},
