@@ -570,12 +570,13 @@ def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: flo
 
 @dataclass(frozen=True)
 class CurvatureOptions:
-    """What a curvature method may use besides the model and the data (from `soir rank`'s settings)."""
+    """What a curvature method (and the line search) may use besides the model and the data (from `soir rank`'s settings)."""
 
     sketch: str = "none"
     dim: int = 1024
     seed: int = 0
     ggn_samples: int = 1
+    delta: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@
 - `c_f`, `c_r`: g_f,Sᵀ H_SS g_f,S of the forget and retain loss, by the chosen curvature
   method (`soir.curvature.CURVATURES`), with the mean forget gradient as direction;
 - `per_example_forget`, `per_example_retain`: per-example gradient sketches (exact with `none`);
-- `theta`, `theta_base`: the parameters of the model and of its base model.
+- `theta`, `theta_base`: the parameters of the model and of its base model;
+- `line`: η, forget gain and retain damage of the measured step along g_f,S that forgets Δ
+  (`soir.linesearch`).
 
 Values are {group name: tensor} (c_f, c_r: {group name: float}). `save_quantities` writes the
 gradient and sketch quantities (`soir rank --save-sketches`), `load_quantities` reads them for
@@ -32,6 +34,7 @@ from soir.curvature import CURVATURES, CurvatureOptions
 from soir.data import example_losses
 from soir.errors import UserError
 from soir.gradients import mean_gradient
+from soir.linesearch import line_quantities
 from soir.groups import Group, gather, group_table
 from soir.runtime import tqdm, versions
 from soir.scores import QUANTITIES
@@ -47,6 +50,7 @@ SPLITS = ("forget", "retain")
 GROUP_TENSORS = ("mean_forget", "mean_retain", "per_example_forget", "per_example_retain")
 GROUP_SCALARS = ("c_f", "c_r")
 SAVED = GROUP_TENSORS + GROUP_SCALARS  # what --save-sketches stores; θ and θ_base never are
+FROM_DATA = SAVED + ("line",)  # the quantities that need the forget and retain batches
 SKETCHES_FORMAT = "soir-rank-sketches"
 SKETCHES_DIR = "sketches"
 FORMAT_VERSION = 1
@@ -97,7 +101,7 @@ class GroupQuantities:
         out: dict = {}
         curvature = "c_f" in needs or "c_r" in needs
         means = [s for s in SPLITS if f"mean_{s}" in needs]
-        full = self._mean_gradients([s for s in SPLITS if s in means or (s == "forget" and curvature)])
+        full = self._mean_gradients([s for s in SPLITS if s in means or (s == "forget" and (curvature or "line" in needs))])
         if means:
             if self.options.sketch == "none":
                 for s in means:
@@ -107,6 +111,12 @@ class GroupQuantities:
                     out[f"mean_{s}"] = sketched
         if curvature:
             out["c_f"], out["c_r"] = self._curvature(full["forget"])
+        if "line" in needs:
+            start = time.perf_counter()
+            with progress_bar(self.progress, len(self.groups), "line search", "group") as bar:
+                out["line"] = line_quantities(self.model, self.batches["forget"], self.batches["retain"], self.groups, full["forget"],
+                                              self.options.delta, bar=bar, loss_fn=self.loss_fn)
+            self.timings["line_search"] = time.perf_counter() - start
         for s in SPLITS:
             if f"per_example_{s}" in needs:
                 out[f"per_example_{s}"] = self._per_example(s)

@@ -40,6 +40,7 @@ from soir.groups import (
 )
 from soir.io import write_json, write_parquet
 from soir.quantities import (
+    FROM_DATA,
     SAVED,
     GroupQuantities,
     describe,
@@ -114,7 +115,7 @@ class RankSettings:
 
     @property
     def curvature_options(self) -> CurvatureOptions:
-        return CurvatureOptions(sketch=self.sketch, dim=self.dim, seed=self.seed, ggn_samples=self.ggn_samples)
+        return CurvatureOptions(sketch=self.sketch, dim=self.dim, seed=self.seed, ggn_samples=self.ggn_samples, delta=self.delta)
 
 
 @dataclass
@@ -233,7 +234,7 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     if "theta_base" in score.needs and base_model is None:
         raise UserError(f"--score {settings.score} ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
     groups = filter_groups(parameter_groups(model, settings.granularity, settings.norms), settings.include, settings.exclude)
-    needs_data = any(k in SAVED for k in score.needs)
+    needs_data = any(k in FROM_DATA for k in score.needs)
     forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed) if needs_data else []
     retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1) if needs_data else []
     choice = None

@@ -19,6 +19,7 @@ of its gradient sketches. A function returns the score, or a dict with the score
 from __future__ import annotations
 
 import inspect
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -177,6 +178,7 @@ QUANTITIES = {
     "c_r": "the curvature term c_r",
     "theta": "the model's parameters",
     "theta_base": "the base model's parameters",
+    "line": "the line search to the forget target",
 }
 # Scalars from the ranking settings or the group that a score function may name.
 PARAMETERS = ("delta", "lam", "gamma", "seed", "name", "n_params")
@@ -244,6 +246,15 @@ def soir(mean_forget: Tensor, mean_retain: Tensor, c_f: float, c_r: float, delta
     comps = soir_components(a, b, c_f, c_r, delta)
     return {"score": float(comps["score"]), "a": a, "b": b, "c_f": float(c_f), "c_r": float(c_r),
             **{k: float(comps[k]) for k in ("eta", "forget_gain", "retain_damage")}}
+
+
+@register_score("soir-line", lower_is_better=True, needs=("line",), columns=("eta", "forget_gain", "retain_damage"),
+                help="the measured retain damage of forgetting --delta nats with the group alone (a line search of "
+                     "forward passes along g_f,S); lower is better")
+def soir_line(line: Tensor) -> dict[str, float]:
+    """SOIR measured instead of extrapolated: R at the η where the real forget loss has risen by Δ."""
+    eta, gain, damage = (float(x) for x in line)
+    return {"score": damage if math.isfinite(eta) else math.inf, "eta": eta, "forget_gain": gain, "retain_damage": damage}
 
 
 register_score("soir-datainf", lower_is_better=False, needs=("per_example_retain", "mean_forget"),

@@ -309,3 +309,50 @@ def test_the_default_curvature_falls_back_to_fd_beyond_the_memory_budget(make_mo
     with pytest.raises(UserError, match="float32"):
         rank(half, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, curvature="fd"), progress=False)
 
+
+
+# ---------------------------------------------------------------- soir-line
+
+
+def test_line_search_finds_the_step_that_forgets_delta():
+    """On hand-made loss curves: a quadratic (root known in closed form), a curve reached only far
+    out (the bracket grows), one overshooting at the first-order step (it shrinks), one that never
+    gets there."""
+    from soir.linesearch import search
+
+    eta, gain = search(lambda e: 2.0 + 0.5 * e * e, base=2.0, delta=1.0, start=0.01, evaluations=40)
+    assert eta == pytest.approx(2**0.5, rel=1e-6) and gain == pytest.approx(1.0, rel=1e-6)
+    eta, _ = search(lambda e: np.log1p(e), base=0.0, delta=3.0, start=1e-3, evaluations=40)
+    assert eta == pytest.approx(np.expm1(3.0), rel=1e-6)
+    eta, _ = search(lambda e: 100 * e, base=0.0, delta=1.0, start=1.0, evaluations=40)
+    assert eta == pytest.approx(0.01, rel=1e-6)
+    eta, gain = search(lambda e: 1 - np.exp(-e), base=0.0, delta=2.0, start=1.0, evaluations=40)
+    assert eta == float("inf") and gain <= 1.0
+
+
+def test_soir_line_measures_the_damage_of_its_own_step(testbed):
+    """soir-line's η raises the real forget loss by Δ, its damage is the real retain loss change
+    there, and the model is left bit-identical."""
+    from soir.curvature import group_direction, split_loss
+    from soir.data import example_losses
+    from soir.groups import parameter_groups
+    from soir.linesearch import loss_along
+
+    model, pad = testbed["model"], testbed["pad"]
+    names = ["model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = RankSettings(score="soir-line", include=tuple(n.replace(".", r"\.") + "$" for n in names), batch_size=16, delta=0.5)
+    table = rank(model, testbed["forget"], testbed["retain"], pad, settings, progress=False).table.set_index("group")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    forget, retain = split_batches(testbed["forget"], pad, 16), split_batches(testbed["retain"], pad, 16)
+    g_f = mean_gradient(model, forget, names)
+    named = dict(model.named_parameters())
+    groups = {g.name: g for g in parameter_groups(model, "tensor") if g.name in names}
+    with torch.no_grad():
+        base_f, base_r = float(split_loss(model, forget)), float(split_loss(model, retain))
+        for name in names:
+            row, v = table.loc[name], group_direction(groups[name], g_f, named)
+            assert np.isfinite(row["eta"]) and row["forget_gain"] == pytest.approx(0.5, abs=0.02)
+            assert loss_along(model, v, row["eta"], forget, example_losses) - base_f == pytest.approx(row["forget_gain"], rel=1e-6)
+            assert row["score"] == row["retain_damage"] == pytest.approx(loss_along(model, v, row["eta"], retain, example_losses) - base_r,
+                                                                         rel=1e-6)
