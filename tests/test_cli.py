@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from soir.models import save_model
 from soir.tokenizer import train_tokenizer
@@ -33,6 +34,7 @@ CASES = {
     "vocabulary too big": (["--data", "{d}/good.parquet", "--model", "{d}/model", "--tokenizer", "{d}/big_tok"], "tokenizer has .* tokens but the model's embedding has"),
     "zero steps": (["--data", "{d}/good.parquet", "--steps", "0"], "step count must be positive"),
     "negative steps": (["--data", "{d}/good.parquet", "--steps", "-5"], "step count must be positive"),
+    "include matches nothing": (["--data", "{d}/good.parquet", "--model", "{d}/model", "--include", "no_such_tensor"], "match no parameter"),
 }
 
 
@@ -49,6 +51,18 @@ def test_finetune_bad_input(case, files, capsys):
     assert len(err) == 1 and err[0].startswith("soir: error:")
     assert re.search(message, err[0]), err[0]
     assert not out.exists()
+
+
+def test_masked_finetune_writes_knowledge_into_the_included_tensors_only(files):
+    """The planted testbed's mechanism: outside --include every tensor is bit-identical to the start."""
+    from safetensors.torch import load_file
+
+    planted = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    code = main(["finetune", "--model", str(files / "model"), "--data", str(files / "good.parquet"), "--include", r"layers\.1\.mlp\.(up|down)",
+                 "--steps", "3", "--lr", "1e-2", "--weight-decay", "0.1", "--no-progress", "--out", str(files / "planted")])
+    assert code == 0
+    before, after = load_file(files / "model" / "model.safetensors"), load_file(files / "planted" / "model.safetensors")
+    assert sorted(k for k in before if not torch.equal(before[k], after[k])) == sorted(planted)
 
 
 def test_argument_errors_are_one_line(capsys):

@@ -47,6 +47,9 @@ def finetune_arguments(p) -> None:
     add_model(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training splits (parquet, jsonl or csv)")
     p.add_argument("--eval", nargs="+", default=[], metavar="NAME=FILE", help="splits to track with --eval-every, e.g. forget=forget.parquet")
+    p.add_argument("--include", nargs="+", default=[], metavar="RE",
+                   help="train only the tensors whose name matches one of these regexes (re.search); the rest stay bit-identical")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="RE", help="do not train the tensors whose name matches one of these")
     add_data(p)
     add_train(p, lr=3e-3)
     add_tiny(p)
@@ -54,13 +57,14 @@ def finetune_arguments(p) -> None:
 
 
 def finetune(args) -> int:
-    """Finetune all parameters on --data with NLL on answer tokens. Writes a save_pretrained model
+    """Finetune all parameters (or the tensors --include/--exclude pick) on --data with NLL on answer tokens. Writes a save_pretrained model
     directory with its tokenizer, log.jsonl, finetune.json and checkpoints/ (with --save-every)."""
     from unlearn.finetune import FinetuneSettings
     from unlearn.finetune import finetune as run_finetune
 
     settings = FinetuneSettings(model=model_settings(args), data=tuple(args.data), out=args.out, input=data_settings(args),
-                                train=train_settings(args), resume=args.resume, overwrite=args.overwrite)
+                                train=train_settings(args), include=tuple(args.include), exclude=tuple(args.exclude),
+                                resume=args.resume, overwrite=args.overwrite)
     result = run_finetune(settings, named_files(args.eval))
     print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
     return 0

@@ -1,7 +1,9 @@
-"""The finetune stage: NLL descent on all parameters of a model over one or more splits.
+"""The finetune stage: NLL descent on the parameters of a model over one or more splits.
 
 Two calls build the testbed's finetune-then-unlearn pair: a base model trained on `general`,
-and a finetuned model trained from it on `forget` + `retain`.
+and a finetuned model trained from it on `forget` + `retain`. With `include`/`exclude` only
+the matching tensors train (masked training, bit-identical elsewhere): the planted testbed
+(benchmarks/planted.py) writes the forget knowledge into known tensors that way.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Sequence
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
 from soir.io import check_out_dir, write_json
+from soir.mask import Mask
 from soir.models import ModelSettings, save_model
 from soir.runtime import device_of, to_device
 from unlearn.loop import CHECKPOINTS, Trainer, TrainResult, TrainSettings
+from unlearn.masking import MaskedParameters, regex_mask
 from unlearn.objectives import get_objective
 
 
@@ -30,6 +34,8 @@ class FinetuneSettings:
     out: str
     input: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     resume: bool = False
     overwrite: bool = False
 
@@ -54,6 +60,7 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     frame = settings.input.read(settings.data)
     evals = {name: settings.input.read(files) for name, files in (eval_data or {}).items()}
     model = settings.model.load(tokenizer, seed=settings.train.seed)
+    mask = regex_mask(model, settings.include, settings.exclude) if settings.include or settings.exclude else Mask.full(model)
     check_out_dir(out, resume=settings.resume, overwrite=settings.overwrite)
 
     pad = pad_id(tokenizer)
@@ -68,9 +75,10 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
 
     if settings.overwrite and not settings.resume:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    trainer = Trainer(model, get_objective("finetune"), {"train": lambda index: to_device(stream(index), device)}, train, out,
-                      eval_callback=evaluate if encoded_evals else None)
-    result = trainer.train(resume=settings.resume)
+    with MaskedParameters(model, mask) as masked:
+        trainer = Trainer(model, get_objective("finetune"), {"train": lambda index: to_device(stream(index), device)}, train, out,
+                          parameters=masked.trained(), eval_callback=evaluate if encoded_evals else None, sync=masked.sync)
+        result = trainer.train(resume=settings.resume)
     write_model(model, tokenizer, out)
     write_json(out / "finetune.json", {"settings": asdict(settings) | {"train": asdict(train)}, "result": asdict(result)})
     return result

@@ -22,8 +22,12 @@ bit-identical. Per step:
 
 from __future__ import annotations
 
+import re
+from typing import Mapping
+
 import torch
 
+from soir.errors import UserError
 from soir.mask import Mask
 
 FULL_PRECISION = (torch.float32, torch.float64)
@@ -108,3 +112,25 @@ def _gather_into(master: torch.Tensor, index: torch.Tensor | None):
         param.grad = None
 
     return hook
+
+
+def _compile(patterns, flag: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UserError(f"bad {flag} regex {pattern!r}: {exc}") from None
+    return compiled
+
+
+def regex_mask(model, include=(), exclude=(), settings: Mapping | None = None) -> Mask:
+    """Whole tensors whose names match any `include` regex (all, when none) and no `exclude` regex."""
+    keep, drop = _compile(include, "--include"), _compile(exclude, "--exclude")
+    names = [
+        name for name, _ in model.named_parameters(remove_duplicate=False)
+        if (not keep or any(r.search(name) for r in keep)) and not any(r.search(name) for r in drop)
+    ]
+    if not names:
+        raise UserError(f"--include {list(include)} --exclude {list(exclude)} match no parameter of this model: check the names (e.g. model.layers.0.mlp)")
+    return Mask.from_names(model, names, settings)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -50,7 +49,7 @@ from soir.runtime import device_of, to_device
 from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
 from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
-from unlearn.masking import MaskedParameters
+from unlearn.masking import MaskedParameters, regex_mask
 from unlearn.objectives import IDK_STREAM, OBJECTIVES, ObjectiveSettings, get_objective, unlearns, with_refusals
 from unlearn.reference import make_reference
 
@@ -100,28 +99,6 @@ def _check_sources(s: UnlearnSettings) -> None:
         raise UserError("--ranking needs --top (a fraction like 0.1, or a count of groups)")
     if s.selection is not None and not s.ranking:
         raise UserError("--top selects from a ranking: give --ranking DIR too (or a ready mask with --mask)")
-
-
-def _compile(patterns, flag: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise UserError(f"bad {flag} regex {pattern!r}: {exc}") from None
-    return compiled
-
-
-def regex_mask(model, include=(), exclude=(), settings: Mapping | None = None) -> Mask:
-    """Whole tensors whose names match any `include` regex (all, when none) and no `exclude` regex."""
-    keep, drop = _compile(include, "--include"), _compile(exclude, "--exclude")
-    names = [
-        name for name, _ in model.named_parameters(remove_duplicate=False)
-        if (not keep or any(r.search(name) for r in keep)) and not any(r.search(name) for r in drop)
-    ]
-    if not names:
-        raise UserError(f"--include {list(include)} --exclude {list(exclude)} match no parameter of this model: check the names (e.g. model.layers.0.mlp)")
-    return Mask.from_names(model, names, settings)
 
 
 def build_mask(model, s: UnlearnSettings) -> Mask:
