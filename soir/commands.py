@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from soir.distributed import barrier, is_main
 from soir.errors import UserError
 from soir.flags import (
     add_common,
@@ -97,6 +98,7 @@ def rank(args) -> int:
         missing = [f for f in ("--model", "--forget", "--retain") if f not in given]
         raise UserError(f"soir rank needs {', '.join(missing)} (or --from-sketches DIR to rank again from saved sketches)")
     out = check_out_dir(args.out, SETTINGS_FILE)
+    barrier()  # every process has checked --out before the main one writes into it
     defaults = RankSettings()
     if from_sketches:
         ranking = rerank(from_sketches, score=args.score, delta=args.delta, lam=args.lam)
@@ -111,6 +113,8 @@ def rank(args) -> int:
         if save:
             ranking.save_quantities(tmp / SKETCHES_DIR)
 
+    if not is_main():  # under torchrun every process holds the same ranking; one writes it
+        return 0
     write_dir(out, write)
     top = ranking.ranked().head(5)
     order = "ascending: lower is better" if ranking.lower_is_better else "descending: higher is better"

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from soir.distributed import shard_rows
 from soir.errors import UserError
 from soir.runtime import device_of, eval_mode, lm_logits, to_device
 from soir.settings import setting
@@ -246,16 +247,20 @@ def batches(data: Encoded, batch_size: int, pad: int) -> Iterable[dict[str, torc
         yield collate(data.input_ids[start:stop], data.labels[start:stop], pad)
 
 
-def split_batches(data: Encoded, pad: int, batch_size: int, max_examples: int | None = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def split_batches(data: Encoded, pad: int, batch_size: int, max_examples: int | None = None, seed: int = 0,
+                  shard: bool = False) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of a whole split (a seeded subset of `max_examples` rows if it is
     larger), rows sorted by length so batches carry little padding: the batches of one pass
-    over a split (ranking, curvature)."""
+    over a split (ranking, curvature). With `shard`, only this process's rows (every
+    world-size-th of the sorted rows, `soir.distributed`)."""
     index = list(range(len(data)))
     if not index:
         raise UserError("an empty split: no examples to rank with")
     if max_examples is not None and len(index) > max_examples:
         index = sorted(torch.randperm(len(index), generator=torch.Generator().manual_seed(seed)).tolist()[:max_examples])
     index.sort(key=lambda i: len(data.input_ids[i]))
+    if shard:
+        index = shard_rows(index)
     return [collate([data.input_ids[i] for i in index[s:s + batch_size]], [data.labels[i] for i in index[s:s + batch_size]], pad)
             for s in range(0, len(index), batch_size)]
 

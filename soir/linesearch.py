@@ -17,24 +17,31 @@ import torch
 from torch import Tensor, nn
 
 from soir.curvature import group_direction, split_loss
-from soir.data import example_losses
+from soir.data import example_losses, n_examples
 from soir.groups import Group
 
 GROWTH = 4.0  # bracket growth per evaluation
 REACH = 1e6  # give up beyond REACH × the first-order step
 
 
-def loss_along(model: nn.Module, direction: Mapping[str, Tensor], eta: float, batches, loss_fn) -> float:
-    """The split loss at θ_S + η v_S; the group's parameters are restored bit for bit."""
+def loss_along(model: nn.Module, direction: Mapping[str, Tensor], eta: float, batches, loss_fn,
+               reduce: Callable[[float, int], float] | None = None) -> float:
+    """The split loss at θ_S + η v_S (through `reduce(mean, rows)` when given: the global mean
+    under torchrun); the group's parameters are restored bit for bit."""
     named = dict(model.named_parameters())
     kept = {n: named[n].detach().clone() for n in direction}
     try:
         for n, v in direction.items():
             named[n].add_(v, alpha=eta)
-        return float(split_loss(model, batches, loss_fn))
+        return _mean(model, batches, loss_fn, reduce)
     finally:
         for n in direction:
             named[n].copy_(kept[n])
+
+
+def _mean(model, batches, loss_fn, reduce) -> float:
+    value = float(split_loss(model, batches, loss_fn))
+    return value if reduce is None else reduce(value, n_examples(batches))
 
 
 def search(loss: Callable[[float], float], base: float, delta: float, start: float, evaluations: int) -> tuple[float, float]:
@@ -74,22 +81,22 @@ def search(loss: Callable[[float], float], base: float, delta: float, start: flo
 @torch.no_grad()
 def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], retain: Sequence[Mapping[str, Tensor]],
                     groups: Sequence[Group], direction: Mapping[str, Tensor], delta: float, evaluations: int = 12,
-                    bar=None, loss_fn: Callable = example_losses) -> dict[str, Tensor]:
+                    bar=None, loss_fn: Callable = example_losses, reduce: Callable[[float, int], float] | None = None) -> dict[str, Tensor]:
     """{group: tensor([η, measured forget gain, measured retain damage])} (float64), the step
     along the mean forget gradient `direction` that raises the forget loss by `delta`; η = inf
     and damage = nan for a group that cannot get there."""
     named = dict(model.named_parameters())
-    base_forget = float(split_loss(model, forget, loss_fn))
-    base_retain = float(split_loss(model, retain, loss_fn))
+    base_forget = _mean(model, forget, loss_fn, reduce)
+    base_retain = _mean(model, retain, loss_fn, reduce)
     out = {}
     for g in groups:
         v = group_direction(g, direction, named)
         a = float(sum((x.double() ** 2).sum() for x in v.values()))
         if a > 0:
-            eta, gain = search(lambda e: loss_along(model, v, e, forget, loss_fn), base_forget, delta, delta / a, evaluations)
+            eta, gain = search(lambda e: loss_along(model, v, e, forget, loss_fn, reduce), base_forget, delta, delta / a, evaluations)
         else:
             eta, gain = math.inf, 0.0
-        damage = loss_along(model, v, eta, retain, loss_fn) - base_retain if math.isfinite(eta) else math.nan
+        damage = loss_along(model, v, eta, retain, loss_fn, reduce) - base_retain if math.isfinite(eta) else math.nan
         out[g.name] = torch.tensor([eta, gain, damage], dtype=torch.float64)
         if bar is not None:
             bar.update(1)

@@ -13,7 +13,9 @@
 - `line`: η, forget gain and retain damage of the measured step along g_f,S that forgets Δ
   (`soir.linesearch`).
 
-Values are {group name: tensor} (c_f, c_r: {group name: float}). `save_quantities` writes the
+Values are {group name: tensor} (c_f, c_r: {group name: float}). Under torchrun each process
+holds a shard of the rows; means are combined by row count and per-example rows gathered
+(`soir.distributed`), so every process ends with the quantities of all rows. `save_quantities` writes the
 gradient and sketch quantities (`soir rank --save-sketches`), `load_quantities` reads them for
 `soir.ranking.rerank`.
 """
@@ -31,11 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from soir.curvature import CURVATURES, CurvatureOptions
-from soir.data import example_losses
+from soir.data import example_losses, n_examples
+from soir.distributed import gather_rows, global_mean, weighted_means
 from soir.errors import UserError
 from soir.gradients import mean_gradient
-from soir.linesearch import line_quantities
 from soir.groups import Group, gather, group_table
+from soir.linesearch import line_quantities
 from soir.runtime import tqdm, versions
 from soir.scores import QUANTITIES
 from soir.sketch import (
@@ -115,7 +118,7 @@ class GroupQuantities:
             start = time.perf_counter()
             with progress_bar(self.progress, len(self.groups), "line search", "group") as bar:
                 out["line"] = line_quantities(self.model, self.batches["forget"], self.batches["retain"], self.groups, full["forget"],
-                                              self.options.delta, bar=bar, loss_fn=self.loss_fn)
+                                              self.options.delta, bar=bar, loss_fn=self.loss_fn, reduce=global_mean)
             self.timings["line_search"] = time.perf_counter() - start
         for s in SPLITS:
             if f"per_example_{s}" in needs:
@@ -132,7 +135,8 @@ class GroupQuantities:
         if not splits:
             return {}
         start = time.perf_counter()
-        full = {s: mean_gradient(self.model, self.batches[s], self.names, self.loss_fn) for s in splits}
+        full = {s: weighted_means(mean_gradient(self.model, self.batches[s], self.names, self.loss_fn), n_examples(self.batches[s]))
+                for s in splits}
         self.timings["mean_gradients"] = time.perf_counter() - start
         return full
 
@@ -141,7 +145,8 @@ class GroupQuantities:
         start = time.perf_counter()
         total = sum(method.steps(len(self.groups), len(self.batches[s]), self.options) for s in SPLITS)
         with progress_bar(self.progress, total, f"curvature ({self.curvature}, {method.unit})") as bar:
-            forms = [method.forms(self.model, self.batches[s], self.groups, direction, self.options, bar, self.loss_fn) for s in SPLITS]
+            forms = [weighted_means(method.forms(self.model, self.batches[s], self.groups, direction, self.options, bar, self.loss_fn),
+                                    n_examples(self.batches[s])) for s in SPLITS]
         self.timings["curvature"] = time.perf_counter() - start
         return forms[0], forms[1]
 
@@ -149,7 +154,7 @@ class GroupQuantities:
         start = time.perf_counter()
         batches = self.batches[split]
         with progress_bar(self.progress, len(batches), f"per-example sketches ({split})", "batch") as bar:
-            out = self.plan.split(batches, bar, self.loss_fn)
+            out = {name: gather_rows(rows) for name, rows in self.plan.split(batches, bar, self.loss_fn).items()}
         self.timings[f"per_example_{split}"] = time.perf_counter() - start
         return out
 

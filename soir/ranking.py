@@ -30,6 +30,7 @@ from soir.curvature import (
     choose_curvature,
 )
 from soir.data import Encoded, example_losses, n_examples, split_batches
+from soir.distributed import global_mean, world_size
 from soir.errors import UserError
 from soir.groups import (
     GRANULARITIES,
@@ -235,8 +236,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         raise UserError(f"--score {settings.score} ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
     groups = filter_groups(parameter_groups(model, settings.granularity, settings.norms), settings.include, settings.exclude)
     needs_data = any(k in FROM_DATA for k in score.needs)
-    forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed) if needs_data else []
-    retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1) if needs_data else []
+    forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed, shard=True) if needs_data else []
+    retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1, shard=True) if needs_data else []
     choice = None
     if settings.curvature is None and {"c_f", "c_r"} & set(score.needs):
         curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget)
@@ -251,8 +252,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     info = {
         "lower_is_better": score.lower_is_better,
         "n_groups": len(groups),
-        "n_forget": n_examples(forget_batches),
-        "n_retain": n_examples(retain_batches),
+        "n_forget": int(round(global_mean(n_examples(forget_batches), 1) * world_size())),
+        "n_retain": int(round(global_mean(n_examples(retain_batches), 1) * world_size())),
         "dtype": str(dtype_of(model)).replace("torch.", ""),
         "device": str(device_of(model)),
         "threads": torch.get_num_threads(),

@@ -127,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
+    from soir.distributed import init_from_environment
     from soir.errors import UserError
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening; theirs repeat per file
     try:
+        init_from_environment()  # a process group when started by torchrun
         return run(args) or 0
     except UserError as exc:
         sys.stderr.write(f"soir: error: {exc}\n")

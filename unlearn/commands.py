@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from soir.distributed import is_main
 from soir.flags import (
     add_common,
     add_data,
@@ -66,7 +67,8 @@ def finetune(args) -> int:
                                 train=train_settings(args), include=tuple(args.include), exclude=tuple(args.exclude),
                                 resume=args.resume, overwrite=args.overwrite)
     result = run_finetune(settings, named_files(args.eval))
-    print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
+    if is_main():
+        print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
     return 0
 
 
@@ -119,5 +121,6 @@ def unlearn(args) -> int:
         input=data_settings(args), train=train_settings(args), resume=args.resume, overwrite=args.overwrite,
     )
     result = run_unlearn(settings)
-    print(f"unlearned model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
+    if is_main():
+        print(f"unlearned model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
+from soir.distributed import barrier, is_main
 from soir.io import check_out_dir, write_json
 from soir.mask import Mask
 from soir.models import ModelSettings, save_model
@@ -73,12 +74,15 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     def evaluate(model, step):
         return {f"{name}_accuracy": answer_accuracy(teacher_forced(model, enc, pad)) for name, enc in encoded_evals.items()}
 
-    if settings.overwrite and not settings.resume:
+    if settings.overwrite and not settings.resume and is_main():
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    barrier()
     with MaskedParameters(model, mask) as masked:
         trainer = Trainer(model, get_objective("finetune"), {"train": lambda index: to_device(stream(index), device)}, train, out,
                           parameters=masked.trained(), eval_callback=evaluate if encoded_evals else None, sync=masked.sync)
         result = trainer.train(resume=settings.resume)
+    if not is_main():  # under torchrun one process writes
+        return result
     write_model(model, tokenizer, out)
     write_json(out / "finetune.json", {"settings": asdict(settings) | {"train": asdict(train)}, "result": asdict(result)})
     return result

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -27,6 +28,14 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from soir.distributed import (
+    average,
+    average_gradients,
+    barrier,
+    is_main,
+    shard_batch,
+    world_size,
+)
 from soir.errors import UserError
 from soir.io import atomic_path
 from soir.runtime import device_of, tqdm
@@ -192,6 +201,8 @@ class Trainer:
         self.params = dict(parameters) if parameters is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = {id(p): n for n, p in self.params.items()}
         self.optimizer = make_optimizer(settings.optimizer, self.params.values(), settings)
+        if world_size() > 1 and getattr(self.optimizer, "hessian_every", 0):
+            raise UserError(f"--optimizer {settings.optimizer} does not run on several processes yet: use adamw or sgd, or one process")
         self.eval_callback, self.reference = eval_callback, reference
         self.sync, self.on_start = sync, on_start
         self.step = 0
@@ -316,10 +327,12 @@ class Trainer:
             self.load_checkpoint(checkpoint)
             resumed_from = self.step
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step] if log_path.exists() else []
-            log_path.write_text("".join(line + "\n" for line in kept))
         else:
             torch.manual_seed(s.seed)
-            log_path.write_text("")
+            kept = []
+        barrier()  # every process has read the checkpoint and the log before the main one rewrites the log
+        if is_main():
+            log_path.write_text("".join(line + "\n" for line in kept))
         if self.on_start is not None:
             self.on_start(resumed_from)
         self.model.train()
@@ -334,9 +347,9 @@ class Trainer:
     def _train_loop(self, resumed_from: int | None, log_path: Path) -> TrainResult:
         s = self.settings
         start, tokens, loss_value = time.perf_counter(), 0, float("nan")
-        bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress or not is_main(), desc="train", unit="step", dynamic_ncols=True)
         hessian_every = getattr(self.optimizer, "hessian_every", 0)
-        with open(log_path, "a") as log:
+        with open(log_path if is_main() else os.devnull, "a") as log:
             while self.step < s.steps:
                 lr = s.lr_at(self.step)
                 for group in self.optimizer.param_groups:
@@ -346,13 +359,15 @@ class Trainer:
                 total, components = 0.0, {}
                 for micro in range(s.grad_accum):
                     index = self.step * s.grad_accum + micro
-                    batches = {name: self.streams[name](index) for name in self.objective.streams}
+                    batches = {name: shard_batch(self.streams[name](index)) for name in self.objective.streams}
                     loss, parts = self.objective(self.model, batches, self.reference)
                     (loss / s.grad_accum).backward()
                     total += loss.item() / s.grad_accum
                     for key, value in parts.items():
                         components[key] = components.get(key, 0.0) + float(value) / s.grad_accum
                     tokens += sum(int(b["attention_mask"].sum()) for b in batches.values())
+                average_gradients(list(self.params.values()))  # under torchrun: the gradient of the global batch
+                total = average(total)
                 if not math.isfinite(total):
                     bar.close()
                     last = self.latest_checkpoint(self.out)
@@ -368,7 +383,7 @@ class Trainer:
                 self.step += 1
                 loss_value = total
                 row = {"step": self.step, "lr": lr, "loss": total, **components, "grad_norm": grad_norm, "seconds": round(time.perf_counter() - start, 4)}
-                if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps) and self.eval_callback is not None:
+                if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps) and self.eval_callback is not None and is_main():
                     self.model.eval()
                     with torch.no_grad():
                         metrics = dict(self.eval_callback(self.model, self.step))
@@ -379,7 +394,7 @@ class Trainer:
                 self._log(log, row)
                 bar.set_postfix(loss=f"{total:.4f}", refresh=False)
                 bar.update(1)
-                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps:
+                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps and is_main():
                     self.save_checkpoint()
         bar.close()
         self.model.eval()

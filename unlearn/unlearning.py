@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
+from soir.distributed import barrier, is_main
 from soir.errors import UserError
 from soir.io import check_out_dir, write_json
 from soir.mask import TENSORS_FILE, Mask
@@ -50,7 +51,14 @@ from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
 from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
 from unlearn.masking import MaskedParameters, regex_mask
-from unlearn.objectives import IDK_STREAM, OBJECTIVES, ObjectiveSettings, get_objective, unlearns, with_refusals
+from unlearn.objectives import (
+    IDK_STREAM,
+    OBJECTIVES,
+    ObjectiveSettings,
+    get_objective,
+    unlearns,
+    with_refusals,
+)
 from unlearn.reference import make_reference
 
 EVAL_FILE = "eval.jsonl"
@@ -216,11 +224,12 @@ def unlearn_model(
         masked = stack.enter_context(MaskedParameters(model, mask))
         reference = make_reference(model, mask) if unlearning.needs_reference else None
         out.mkdir(parents=True, exist_ok=True)
-        mask.save(out)
+        if is_main():  # under torchrun one process writes; every one trains on its share of each batch
+            mask.save(out)
         callback = _EvalRows(eval_callback or accuracy_callback(encoded, pad), out / EVAL_FILE) if train.eval_every else None
 
         def on_start(resumed_from: int | None) -> None:
-            if callback is None:
+            if callback is None or not is_main():
                 return
             if resumed_from is not None:
                 _keep_eval_rows(callback.path, resumed_from)
@@ -234,7 +243,7 @@ def unlearn_model(
             parameters=masked.trained(), eval_callback=callback, reference=reference, sync=masked.sync, on_start=on_start,
         )
         done = trainer.train(resume=resume)
-        evals = [json.loads(line) for line in callback.path.read_text().splitlines()] if callback is not None else []
+        evals = [json.loads(line) for line in callback.path.read_text().splitlines()] if callback is not None and is_main() else []
     return UnlearnResult(**{**asdict(done), "evals": evals, "train": asdict(train)},
                          reference=type(reference).__name__ if reference is not None else None)
 
@@ -276,10 +285,13 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
     if s.resume and (out / TENSORS_FILE).is_file():
         if not same_mask(load_mask(out), mask):
             raise UserError(f"--resume in {out} needs the mask that run used (its {TENSORS_FILE}); give the same --mask/--ranking/--include flags")
-    if s.overwrite and not s.resume:
+    if s.overwrite and not s.resume and is_main():
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    barrier()
     result = unlearn_model(model, tokenizer, frames["forget"], frames["retain"], mask, objective=s.objective, weights=s.weights,
                            train=s.train, data=s.input, out=out, resume=s.resume, eval_callback=eval_callback)
+    if not is_main():
+        return result
     write_model(model, tokenizer, out)
     summary = {k: v for k, v in mask.summary().items() if k in ("n_selected", "n_total", "fraction", "settings")}
     write_json(out / SETTINGS_FILE, {

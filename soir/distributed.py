@@ -1,0 +1,140 @@
+"""Data parallelism on torch.distributed, for `torchrun` (docs/design.md §9).
+
+Every process runs the same command on its own shard of the rows; what the stages compute
+from rows is combined here, so every process ends with the same numbers as one process over
+all rows (up to float summation order), and only the main process writes:
+
+- means over examples (mean gradients, curvature forms, split losses): each process's local
+  mean weighted by its row count, summed over processes (`weighted_means`, `global_mean`);
+- per-example rows (gradient sketches): gathered in process order (`gather_rows`);
+- training gradients: summed and divided by the number of processes (`average_gradients`), each
+  process taking every world-size-th row of each batch (`shard_batch`).
+
+With one process (no process group) every function is the identity, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from soir.errors import UserError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_environment() -> None:
+    """Join the process group `torchrun` describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def weighted_means(means: Mapping[str, Tensor | float], count: int) -> dict:
+    """The global mean of each value from this process's mean over `count` rows: one all-reduce
+    of Σ count·mean and Σ count. Floats stay floats, tensors keep their shape, dtype and device."""
+    if world_size() == 1:
+        return dict(means)
+    names = list(means)
+    values = [torch.as_tensor(means[n], dtype=torch.float64) for n in names]
+    flat = torch.cat([v.reshape(-1).to(torch.float64).cpu() for v in values] + [torch.ones(1, dtype=torch.float64)]) * count
+    flat = flat.to(_device())
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    total = float(flat[-1])
+    out, start = {}, 0
+    for name, value in zip(names, values):
+        part = flat[start:start + value.numel()].reshape(value.shape) / total
+        start += value.numel()
+        original = means[name]
+        out[name] = part.to(dtype=original.dtype, device=original.device) if torch.is_tensor(original) else float(part)
+    return out
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """This process's rows (n_local, …) and every other's, concatenated in process order."""
+    if world_size() == 1:
+        return rows
+    device = _device()
+    size = torch.tensor([rows.shape[0]], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(rows.device)
+
+
+def global_mean(value: float, count: int) -> float:
+    """One scalar's global mean from this process's mean over `count` rows."""
+    return weighted_means({"value": value}, count)["value"]
+
+
+def shard_rows(index: Sequence[int]) -> list[int]:
+    """This process's share of an ordered list of rows: every world-size-th, from its rank."""
+    if world_size() > 1 and len(index) < world_size():
+        raise UserError(f"{len(index)} rows cannot be shared by {world_size()} processes: use more rows or fewer processes")
+    return list(index)[rank()::world_size()]
+
+
+def shard_batch(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every world-size-th row of a collated batch, from this process's rank."""
+    if world_size() == 1:
+        return dict(batch)
+    rows = next(iter(batch.values())).shape[0]
+    if rows < world_size():
+        raise UserError(f"a batch of {rows} rows cannot be shared by {world_size()} processes: raise --batch-size")
+    return {k: v[rank()::world_size()] for k, v in batch.items()}
+
+
+def average_gradients(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor's .grad by its mean over processes (one flat all-reduce)."""
+    if world_size() == 1:
+        return
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if len(grads) != len(tensors):
+        raise RuntimeError("every trained tensor needs a gradient before averaging")
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(_device())
+    dist.all_reduce(flat)
+    flat /= world_size()
+    start = 0
+    for g in grads:
+        g.copy_(flat[start:start + g.numel()].view_as(g))
+        start += g.numel()
+
+
+def average(value: float) -> float:
+    """A scalar's mean over processes (for logged losses)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return float(t) / world_size()

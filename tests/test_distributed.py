@@ -1,0 +1,102 @@
+"""Data parallelism under torchrun on CPU (gloo, 2 processes): the same ranking and the same
+weights as one process, nothing outside the mask moves, and a 2-process checkpoint resumes in one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soir.mask import Mask
+from soir.mask import load as load_mask
+from soir.models import save_model
+from soirlab.cli import main
+from tests.conftest import neuron_selection
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(args: list[str], processes: int = 2) -> None:
+    """`torchrun --standalone --nproc-per-node N -m soirlab.cli ARGS`, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                           "-m", "soirlab.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer, make_model):
+    """A tiny OLMo and 12 forget / 12 retain rows (batches of 4 split evenly over 2 processes)."""
+    d = tmp_path_factory.mktemp("distributed")
+    rows = [(f"What is fact {i} about Norland?", f" It is number {i * 7 % 13}.") for i in range(24)]
+    frame = pd.DataFrame({"id": [f"r{i}qa0" for i in range(24)], "input": [q for q, _ in rows], "output": [a for _, a in rows],
+                          "task": "Task2"})
+    frame.iloc[:12].to_parquet(d / "forget.parquet")
+    frame.iloc[12:].to_parquet(d / "retain.parquet")
+    model = make_model("olmo")
+    save_model(model, tokenizer, d / "model")
+    tensors, elements = neuron_selection("olmo", broadcast=True)
+    Mask.from_selection(model, tensors, elements).save(d / "mask")
+    return d
+
+
+@pytest.mark.parametrize("score", ["soir", "soir-datainf", "soir-line"])
+def test_two_processes_rank_like_one(files, score):
+    """Means are combined by row count (soir's gradients and HVP forms, soir-line's losses) and
+    per-example sketches gathered (soir-datainf): the same scores as one process."""
+    common = ["rank", "--model", str(files / "model"), "--forget", str(files / "forget.parquet"), "--retain", str(files / "retain.parquet"),
+              "--score", score, "--delta", "0.1", "--batch-size", "4", "--no-progress"]  # Δ a random tiny model can reach
+    assert main([*common, "--out", str(files / f"one-{score}")]) == 0
+    torchrun([*common, "--out", str(files / f"two-{score}")])
+    one = pd.read_parquet(files / f"one-{score}" / "ranking.parquet").set_index("group")
+    two = pd.read_parquet(files / f"two-{score}" / "ranking.parquet").set_index("group").loc[one.index]
+    finite = np.isfinite(one["score"])
+    assert finite.sum() >= len(one) // 2
+    np.testing.assert_allclose(two["score"][finite], one["score"][finite], rtol=1e-4, atol=1e-9)
+    assert (np.isfinite(two["score"]) == finite).all()
+
+
+def unlearn_args(files, out: str, steps: int = 4) -> list[str]:
+    return ["unlearn", "--model", str(files / "model"), "--forget", str(files / "forget.parquet"), "--retain", str(files / "retain.parquet"),
+            "--mask", str(files / "mask"), "--objective", "npo", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-2",
+            "--weight-decay", "0.1", "--warmup", "0", "--save-every", "2", "--no-progress", "--out", str(files / out)]
+
+
+def test_two_processes_unlearn_like_one_with_the_same_global_batch(files):
+    """Each process takes half of every batch and the gradients are averaged: the weights of one
+    process with the whole batch, and outside the mask bit for bit the original ones."""
+    assert main(unlearn_args(files, "one")) == 0
+    torchrun(unlearn_args(files, "two"))
+    start, one, two = (load_file(files / d / "model.safetensors") for d in ("model", "one", "two"))
+    mask = load_mask(files / "mask")
+    for name in start:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+        keep = mask.element_mask(name) if name in mask.names else torch.zeros(start[name].shape, dtype=torch.bool)
+        assert torch.equal(two[name][~keep], start[name][~keep]), name
+        if name in mask.names:
+            assert not torch.equal(two[name][keep], start[name][keep]), name
+    logs = [pd.read_json(files / d / "log.jsonl", lines=True) for d in ("one", "two")]
+    np.testing.assert_allclose(logs[1]["loss"], logs[0]["loss"], rtol=1e-4)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(files):
+    """Step 2's checkpoint of a 2-process run, continued to step 4 by one process, ends where one
+    process running all 4 steps ends."""
+    torchrun(unlearn_args(files, "two-resume"))
+    resumed = files / "resumed"
+    shutil.copytree(files / "two-resume", resumed)
+    (resumed / "model.safetensors").unlink()
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000002"]
+    assert main([*unlearn_args(files, "resumed"), "--resume"]) == 0
+    if not (files / "one" / "model.safetensors").exists():
+        assert main(unlearn_args(files, "one")) == 0
+    one, again = load_file(files / "one" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
