@@ -91,6 +91,16 @@ def main(argv=None) -> int:
 
     base = {"fit": {s: float(split_loss(model, fit[s])) for s in fit}, "held": {s: float(split_loss(model, held[s])) for s in held}}
     rows = []
+
+    def measure(row: dict, direction) -> dict:
+        """`row` with the forget gain and retain damage of its step η measured on both halves."""
+        if math.isfinite(row["eta"]):
+            for where, splits in (("fit", fit), ("held", held)):
+                measured = losses_at(model, direction, row["eta"], splits)
+                row[f"forget_gain_{where}"] = measured["forget"] - base[where]["forget"]
+                row[f"retain_damage_{where}"] = measured["retain"] - base[where]["retain"]
+        return row
+
     for method in ("hvp", "ggn", "first-order"):
         c_f = np.array([curv[method]["forget"][g.name] for g in groups])
         c_r = np.array([curv[method]["retain"][g.name] for g in groups])
@@ -99,12 +109,7 @@ def main(argv=None) -> int:
             eta = float(comp["eta"][i])
             row = {"method": method, "group": g.name, "n_params": g.n_params, "a": a[i], "b": b[i], "c_f": c_f[i], "c_r": c_r[i], "eta": eta,
                    "predicted_forget_gain": float(comp["forget_gain"][i]), "predicted_retain_damage": float(comp["retain_damage"][i])}
-            if math.isfinite(eta):
-                for where, splits in (("fit", fit), ("held", held)):
-                    measured = losses_at(model, directions[g.name], eta, splits)
-                    row[f"forget_gain_{where}"] = measured["forget"] - base[where]["forget"]
-                    row[f"retain_damage_{where}"] = measured["retain"] - base[where]["retain"]
-            rows.append(row)
+            rows.append(measure(row, directions[g.name]))
         print(f"  {method}: measured", flush=True)
 
     # the truth on held-out rows: the damage of reaching Δ there (the same line search, on the held-out rows)
@@ -118,12 +123,7 @@ def main(argv=None) -> int:
         eta, gain, damage = (float(x) for x in line[g.name])
         row = {"method": "line", "group": g.name, "n_params": g.n_params, "a": a[i], "b": b[i], "eta": eta, "predicted_forget_gain": gain,
                "predicted_retain_damage": damage if math.isfinite(eta) else math.inf}  # the score: R measured on the rows searched
-        if math.isfinite(eta):
-            for where, splits in (("fit", fit), ("held", held)):
-                measured = losses_at(model, directions[g.name], eta, splits)
-                row[f"forget_gain_{where}"] = measured["forget"] - base[where]["forget"]
-                row[f"retain_damage_{where}"] = measured["retain"] - base[where]["retain"]
-        rows.append(row)
+        rows.append(measure(row, directions[g.name]))
     t = time.perf_counter()
     mean_gradient(model, fit["forget"], names)
     mean_gradient(model, fit["retain"], names)

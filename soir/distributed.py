@@ -1,4 +1,4 @@
-"""Data parallelism on torch.distributed, for `torchrun` (docs/design.md §9).
+"""Data parallelism on torch.distributed, for `torchrun` (docs/design.md §10).
 
 Every process runs the same command on its own shard of the rows; what the stages compute
 from rows is combined here, so every process ends with the same numbers as one process over

@@ -3,7 +3,7 @@
 Each `add_*` function adds one group of flags to an argparse parser (help, type and default
 from the settings fields: `soir.settings.add_settings`); each `*_settings` function turns the
 parsed flags back into those settings. Flag names mean the same on every subcommand
-(docs/design.md §10).
+(docs/design.md §11).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `soir` command: one dispatcher for every subcommand (docs/design.md §10).
+"""The `soir` command: one dispatcher for every subcommand (docs/design.md §11).
 
 This top-level package is the one place that knows `soir`, `unlearn` and `analysis`. The
 table below names each subcommand, its one-line help and where its flags and handler live

@@ -1,4 +1,4 @@
-"""The unlearn stage (docs/design.md §7, §10): outside the mask nothing moves, resume is exact,
+"""The unlearn stage (docs/design.md §7, §11): outside the mask nothing moves, resume is exact,
 bad input ends with one line and exit 2, and the artifacts are written."""
 
 from __future__ import annotations

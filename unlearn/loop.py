@@ -10,7 +10,8 @@ pure function of the step, so a checkpoint needs only tensors, the optimiser sta
 RNG state to resume bit-identically. An optimiser with a curvature estimate (`hessian_every`,
 SophiaG) gets its Gauss–Newton–Bartlett pass before updates 0, k, 2k, …, with labels sampled
 from a generator seeded by (seed, step): the schedule and the samples are pure functions of
-the step too.
+the step too. Under torchrun each process trains on its share of every batch's rows and the
+gradients are averaged before clipping (`soir.distributed`); the main process logs and saves.
 """
 
 from __future__ import annotations

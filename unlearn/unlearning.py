@@ -1,5 +1,5 @@
 """The unlearn stage: masked unlearning of a model on a forget split, keeping a retain split
-(docs/design.md §7, §10).
+(docs/design.md §7, §11).
 
 Which parameters may change comes from one of
 

@@ -1,0 +1,48 @@
+"""What the evidence benchmarks share: a `soir demo` testbed loaded once, and "unlearn a fresh
+copy of a model with a mask, then measure teacher-forced answer accuracy"."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from soir.data import Encoded, answer_accuracy, encode, pad_id, read_split, teacher_forced  # noqa: E402
+from soir.mask import Mask  # noqa: E402
+from soir.models import load_model, load_tokenizer  # noqa: E402
+from unlearn.loop import TrainSettings  # noqa: E402
+from unlearn.unlearning import unlearn_model  # noqa: E402
+
+
+@dataclass
+class Testbed:
+    """A `soir demo` output directory (base/, oracle/, finetuned/, data/) with its splits read and encoded."""
+
+    path: Path
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self.tokenizer = load_tokenizer(self.path / "data" / "tokenizer")
+        self.pad = pad_id(self.tokenizer)
+        self.frames = {s: read_split(self.path / "data" / f"{s}.parquet") for s in ("forget", "retain")}
+        self.encoded = {s: encode(f, self.tokenizer) for s, f in self.frames.items()}
+
+    def model(self, name: str | Path = "finetuned", eager: bool = False):
+        """A fresh float32 copy of the testbed's `name` model (or of a model directory)."""
+        return load_model(self.path / name, self.tokenizer, eager_attention=eager, dtype="float32")
+
+    def accuracies(self, model, sets: dict[str, Encoded] | None = None) -> dict[str, float]:
+        """Teacher-forced answer accuracy on each set (default: forget and retain, as `{split}_accuracy`)."""
+        sets = sets if sets is not None else {f"{s}_accuracy": e for s, e in self.encoded.items()}
+        return {name: answer_accuracy(teacher_forced(model, enc, self.pad)) for name, enc in sets.items()}
+
+    def unlearned(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int,
+                  sets: dict[str, Encoded] | None = None) -> dict[str, float]:
+        """Accuracies after unlearning a fresh copy of `start` with `mask` (batch 32, no warmup)."""
+        model = self.model(start)
+        unlearn_model(model, self.tokenizer, self.frames["forget"], self.frames["retain"], mask, objective=objective,
+                      train=TrainSettings(steps=steps, lr=lr, batch_size=32, warmup=0, seed=seed, progress=False))
+        return self.accuracies(model, sets)
