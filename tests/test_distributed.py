@@ -47,16 +47,18 @@ def files(tmp_path_factory, tokenizer, make_model):
     return d
 
 
-@pytest.mark.parametrize("score", ["soir", "soir-datainf", "soir-line"])
-def test_two_processes_rank_like_one(files, score):
+@pytest.mark.parametrize("score, sketch", [("soir", "none"), ("soir-datainf", "none"), ("soir-datainf", "sjlt"), ("soir-line", "none")])
+def test_two_processes_rank_like_one(files, score, sketch):
     """Means are combined by row count (soir's gradients and HVP forms, soir-line's losses) and
-    per-example sketches gathered (soir-datainf): the same scores as one process."""
+    per-example gradients or sketches gathered (soir-datainf; sketch maps are seeded by parameter
+    name, so every process projects alike): the same scores as one process."""
     common = ["rank", "--model", str(files / "model"), "--forget", str(files / "forget.parquet"), "--retain", str(files / "retain.parquet"),
-              "--score", score, "--delta", "0.1", "--batch-size", "4", "--no-progress"]  # Δ a random tiny model can reach
-    assert main([*common, "--out", str(files / f"one-{score}")]) == 0
-    torchrun([*common, "--out", str(files / f"two-{score}")])
-    one = pd.read_parquet(files / f"one-{score}" / "ranking.parquet").set_index("group")
-    two = pd.read_parquet(files / f"two-{score}" / "ranking.parquet").set_index("group").loc[one.index]
+              "--score", score, "--sketch", sketch, "--dim", "64", "--delta", "0.1",  # Δ a random tiny model can reach
+              "--batch-size", "4", "--no-progress"]
+    assert main([*common, "--out", str(files / f"one-{score}-{sketch}")]) == 0
+    torchrun([*common, "--out", str(files / f"two-{score}-{sketch}")])
+    one = pd.read_parquet(files / f"one-{score}-{sketch}" / "ranking.parquet").set_index("group")
+    two = pd.read_parquet(files / f"two-{score}-{sketch}" / "ranking.parquet").set_index("group").loc[one.index]
     finite = np.isfinite(one["score"])
     assert finite.sum() >= len(one) // 2
     np.testing.assert_allclose(two["score"][finite], one["score"][finite], rtol=1e-4, atol=1e-9)
