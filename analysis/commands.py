@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from soir.data import SEMEVAL_ID, parse_column_map, read_split
+from soir.distributed import is_main
 from soir.errors import UserError
 from soir.flags import (
     add_common,
@@ -195,6 +196,8 @@ def evaluate(args) -> int:
         "holdout": args.holdout, "mmlu": args.mmlu, "mmlu_dev": args.mmlu_dev, "oracle": args.oracle, "seed": args.seed,
         "columns": columns or None, "semeval_out": args.semeval_out,
     }
+    if not is_main():  # under torchrun every process holds the whole evaluation; one writes it
+        return 0
     tables = semeval_tables(splits, per_example, settings) if args.semeval_out is not None else {}
     write_evaluation(out, metrics, per_example)
     written = write_semeval(args.semeval_out, tables) if tables else []

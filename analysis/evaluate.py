@@ -54,6 +54,7 @@ from analysis.metrics import (
 )
 from analysis.mmlu import MMLUSettings, mmlu_accuracy
 from soir.data import Template, list_cell, row_kind
+from soir.distributed import gather_frame, shard_frame, world_size
 from soir.errors import UserError
 from soir.io import atomic_path, write_json, write_parquet
 
@@ -178,13 +179,21 @@ def truth_ratios(model, tokenizer, frame: pd.DataFrame, *, template: Template, s
 
 
 def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, *, generate_text: bool = True) -> pd.DataFrame:
-    """Per-example metrics of one split (see the module docstring for the columns)."""
+    """Per-example metrics of one split (see the module docstring for the columns). Under torchrun
+    each process scores every world-size-th row and every process gets the whole table."""
     _check_split(name, frame)
+    frame = frame.reset_index(drop=True)
+    if "id" not in frame.columns:
+        frame = frame.assign(id=[f"{name}-{i}" for i in range(len(frame))])
+    if len(frame) < world_size():  # too few rows to share: every process scores them all
+        return _score_rows(model, tokenizer, name, frame, settings, generate_text)
+    return gather_frame(_score_rows(model, tokenizer, name, shard_frame(frame), settings, generate_text), len(frame))
+
+
+def _score_rows(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, generate_text: bool) -> pd.DataFrame:
     template = Template(settings.template)
     generation, scoring = _progress(settings)
-    frame = frame.reset_index(drop=True)
-    n = len(frame)
-    ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [f"{name}-{i}" for i in range(n)]
+    ids = frame["id"].astype(str).tolist()
     out = pd.DataFrame(
         {
             "id": ids,

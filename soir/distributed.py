@@ -8,7 +8,9 @@ all rows (up to float summation order), and only the main process writes:
   mean weighted by its row count, summed over processes (`weighted_means`, `global_mean`);
 - per-example rows (gradient sketches): gathered in process order (`gather_rows`);
 - training gradients: summed and divided by the number of processes (`average_gradients`), each
-  process taking every world-size-th row of each batch (`shard_batch`).
+  process taking every world-size-th row of each batch (`shard_batch`);
+- evaluation: every world-size-th row of each split is scored by one process and the
+  per-example tables gathered in the original order (`shard_frame`, `gather_frame`).
 
 With one process (no process group) every function is the identity, so nothing else changes.
 """
@@ -113,6 +115,23 @@ def shard_batch(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if rows < world_size():
         raise UserError(f"a batch of {rows} rows cannot be shared by {world_size()} processes: raise --batch-size")
     return {k: v[rank()::world_size()] for k, v in batch.items()}
+
+
+def shard_frame(frame):
+    """Every world-size-th row of a table, from this process's rank (a copy with a fresh index)."""
+    return frame.iloc[rank()::world_size()].reset_index(drop=True)
+
+
+def gather_frame(part, total: int):
+    """The inverse of `shard_frame`: every process's part, rows back in their original order."""
+    if world_size() == 1:
+        return part
+    import pandas as pd
+
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, part)
+    order = [i for r in range(world_size()) for i in range(r, total, world_size())]
+    return pd.concat(parts, ignore_index=True).set_axis(order).sort_index()
 
 
 def average_gradients(tensors: Sequence[Tensor]) -> None:

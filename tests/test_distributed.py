@@ -3,6 +3,7 @@ weights as one process, nothing outside the mask moves, and a 2-process checkpoi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -102,3 +103,18 @@ def test_a_two_process_checkpoint_resumes_in_one_process(files):
     one, again = load_file(files / "one" / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in one:
         torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_processes_evaluate_like_one(files):
+    """Each process scores every other row; the gathered per-example table and the metrics (MIA
+    from the gathered losses included) are those of one process."""
+    args = ["evaluate", "--model", str(files / "model"), "--forget", str(files / "forget.parquet"), "--retain", str(files / "retain.parquet"),
+            "--holdout", str(files / "retain.parquet"), "--max-new-tokens", "6", "--no-progress"]
+    assert main([*args, "--out", str(files / "eval-one")]) == 0
+    torchrun([*args, "--out", str(files / "eval-two")])
+    one, two = (pd.read_parquet(files / d / "per_example.parquet") for d in ("eval-one", "eval-two"))
+    assert list(two["id"]) == list(one["id"]) and list(two["generation"]) == list(one["generation"])
+    numeric = one.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(two[numeric], one[numeric], rtol=1e-4, check_dtype=False)
+    metrics = [json.loads((files / d / "metrics.json").read_text()) for d in ("eval-one", "eval-two")]
+    assert metrics[1]["mia/loss/auc"] == pytest.approx(metrics[0]["mia/loss/auc"], abs=1e-9)
