@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 
 from soir.data import SEMEVAL_ID, parse_column_map, read_split
-from soir.distributed import is_main
 from soir.errors import UserError
 from soir.flags import (
     add_common,
@@ -118,6 +117,7 @@ def evaluate(args) -> int:
     from analysis.generation import GenerationSettings
     from analysis.metrics import MIA_ATTACKS, ScoreSettings
     from analysis.mmlu import MMLUSettings, read_mmlu, split_dev
+    from soir.distributed import is_main
     from soir.models import check_model_dir
 
     out = Path(args.out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from soir.distributed import barrier, is_main
 from soir.errors import UserError
 from soir.flags import (
     add_common,
@@ -83,6 +82,7 @@ def rank(args) -> int:
     columns; for soir a, b, c_f, c_r, eta, forget_gain, retain_damage) and ranking.json (settings,
     versions, seeds, timings); with --save-sketches also sketches/, the per-group quantities the
     scores came from, and with --from-sketches DIR it ranks again from those without a model pass."""
+    from soir.distributed import barrier, is_main
     from soir.quantities import SKETCHES_DIR
     from soir.ranking import SETTINGS_FILE, RankSettings, rerank
 

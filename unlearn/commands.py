@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from soir.distributed import is_main
 from soir.flags import (
     add_common,
     add_data,
@@ -60,6 +59,7 @@ def finetune_arguments(p) -> None:
 def finetune(args) -> int:
     """Finetune all parameters (or the tensors --include/--exclude pick) on --data with NLL on answer tokens. Writes a save_pretrained model
     directory with its tokenizer, log.jsonl, finetune.json and checkpoints/ (with --save-every)."""
+    from soir.distributed import is_main
     from unlearn.finetune import FinetuneSettings
     from unlearn.finetune import finetune as run_finetune
 
@@ -107,6 +107,7 @@ def unlearn(args) -> int:
     log.jsonl (every loss component per step), eval.jsonl (teacher-forced answer accuracy on forget
     and retain with --eval-every), mask.safetensors/mask.json, unlearn.json and checkpoints/ (with
     --save-every; --resume continues exactly)."""
+    from soir.distributed import is_main
     from unlearn.unlearning import UnlearnSettings
     from unlearn.unlearning import unlearn as run_unlearn
 
