@@ -191,8 +191,12 @@ def test_baselines_on_hand_made_gradients():
 
 
 def test_score_registry():
-    assert set(SCORES) == {"soir", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random"}
-    assert SCORES["soir"].lower_is_better and not SCORES["soir-datainf"].lower_is_better
+    assert set(SCORES) == {"soir", "soir-line", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random"}
+    assert SCORES["soir"].lower_is_better and SCORES["soir-line"].lower_is_better and not SCORES["soir-datainf"].lower_is_better
+    reached = SCORES["soir-line"].fn(line=torch.tensor([3.0, 0.99, 0.25], dtype=torch.float64))  # η, measured gain, measured damage
+    assert reached == {"score": 0.25, "eta": 3.0, "forget_gain": 0.99, "retain_damage": 0.25}
+    unreachable = SCORES["soir-line"].fn(line=torch.tensor([float("inf"), 0.4, float("nan")], dtype=torch.float64))
+    assert unreachable["score"] == float("inf") and unreachable["forget_gain"] == 0.4
     one = torch.tensor([1.0])  # a = |g_f|² = 1, b = g_rᵀ g_f = 1: η = Δ / a = 2, R = η b = 2
     row = SCORES["soir"].fn(mean_forget=one, mean_retain=one, c_f=0.0, c_r=0.0, delta=2.0)
     assert row["score"] == pytest.approx(2.0) and row["eta"] == pytest.approx(2.0) and row["a"] == row["b"] == 1.0

@@ -1,0 +1,103 @@
+"""Time of `soir rank` and `soir unlearn` on one process and on several under torchrun (gloo on
+CPU), on the testbed's finetuned model, with the same total number of threads.
+
+One process gets all `--threads` threads; N processes get threads / N each, so the comparison
+is what data parallelism buys over intra-op threads on the same cores. Unlearning: NPO on a
+10% tensor mask (`soir select --top 0.1 --by params` of a `soir` ranking), time per step from
+log.jsonl (first step excluded); ranking: `soir rank` wall time.
+
+    .venv/bin/python benchmarks/distributed_scaling.py --testbed demo-out
+
+Writes distributed_scaling.{csv,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def command(processes: int, threads: int, args: list[str]) -> float:
+    """Wall seconds of `soir ARGS` on `processes` processes with threads / processes threads each."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "soirlab.cli"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "soirlab.cli"]
+    started = time.perf_counter()
+    done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(args[:1])} on {processes} processes failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", default=str(ROOT / "demo-out"))
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--threads", type=int, default=2, help="threads in all (default: 2, this machine's cores)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    bed = Path(args.testbed)
+    data = ["--forget", str(bed / "data" / "forget.parquet"), "--retain", str(bed / "data" / "retain.parquet")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="soir-scaling-") as work:
+        work = Path(work)
+        command(1, args.threads, ["rank", "--model", str(bed / "finetuned"), *data, "--no-progress", "--out", str(work / "ranking")])
+        command(1, args.threads, ["select", "--ranking", str(work / "ranking"), "--model", str(bed / "finetuned"), "--top", "0.1",
+                                  "--by", "params", "--out", str(work / "mask")])
+        for n in args.processes:
+            rank_s = command(n, args.threads, ["rank", "--model", str(bed / "finetuned"), *data, "--no-progress", "--out", str(work / f"rank-{n}")])
+            out = work / f"unlearn-{n}"
+            unlearn_s = command(n, args.threads, ["unlearn", "--model", str(bed / "finetuned"), *data, "--mask", str(work / "mask"),
+                                                  "--objective", "npo", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                                  "--lr", "1e-3", "--warmup", "0", "--no-progress", "--out", str(out)])
+            seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
+            per_step = (seconds[-1] - seconds[0]) / (len(seconds) - 1)
+            timings = json.loads((work / f"rank-{n}" / "ranking.json").read_text())["timings_s"]
+            rows.append({"processes": n, "threads_per_process": max(1, args.threads // n), "rank_wall_s": round(rank_s, 2),
+                         "rank_stages_s": round(timings["total"], 2), "unlearn_wall_s": round(unlearn_s, 2), "unlearn_s_per_step": round(per_step, 4)})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    for column in ("rank_stages_s", "unlearn_s_per_step"):
+        table[f"{column}_speedup"] = (table[column].iloc[0] / table[column]).round(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "distributed_scaling.csv", index=False)
+    meta = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.machine()}, {os.cpu_count()} cores, gloo",
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": table.to_dict(orient="records")}
+    (out / "distributed_scaling.json").write_text(json.dumps(meta, indent=2) + "\n")
+    plot(table, out / "distributed_scaling.png")
+    print(table.to_string(index=False))
+    return 0
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
+
+    fig, (left, right) = new_figure((9, 3.6), 2)
+    left.bar(table["processes"].astype(str), table["rank_stages_s"])
+    left.set_xlabel("processes (same cores in all)")
+    left.set_ylabel("seconds")
+    left.set_title("soir rank (its stages)")
+    right.bar(table["processes"].astype(str), table["unlearn_s_per_step"])
+    right.set_xlabel("processes (same cores in all)")
+    right.set_ylabel("seconds per step")
+    right.set_title("soir unlearn, NPO, 10% mask")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
