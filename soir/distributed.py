@@ -100,6 +100,11 @@ def global_mean(value: float, count: int) -> float:
     return weighted_means({"value": value}, count)["value"]
 
 
+def total(count: int) -> int:
+    """The sum of `count` over processes (rows of a sharded split)."""
+    return round(global_mean(float(count), 1) * world_size())
+
+
 def shard_rows(index: Sequence[int]) -> list[int]:
     """This process's share of an ordered list of rows: every world-size-th, from its rank."""
     if world_size() > 1 and len(index) < world_size():

@@ -30,7 +30,7 @@ from soir.curvature import (
     choose_curvature,
 )
 from soir.data import Encoded, example_losses, n_examples, split_batches
-from soir.distributed import global_mean, world_size
+from soir.distributed import total
 from soir.errors import UserError
 from soir.groups import (
     GRANULARITIES,
@@ -252,8 +252,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     info = {
         "lower_is_better": score.lower_is_better,
         "n_groups": len(groups),
-        "n_forget": int(round(global_mean(n_examples(forget_batches), 1) * world_size())),
-        "n_retain": int(round(global_mean(n_examples(retain_batches), 1) * world_size())),
+        "n_forget": total(n_examples(forget_batches)),
+        "n_retain": total(n_examples(retain_batches)),
         "dtype": str(dtype_of(model)).replace("torch.", ""),
         "device": str(device_of(model)),
         "threads": torch.get_num_threads(),
