@@ -7,10 +7,13 @@ all rows (up to float summation order), and only the main process writes:
 - means over examples (mean gradients, curvature forms, split losses): each process's local
   mean weighted by its row count, summed over processes (`weighted_means`, `global_mean`);
 - per-example rows (gradient sketches): gathered in process order (`gather_rows`);
-- training gradients: summed and divided by the number of processes (`average_gradients`), each
-  process taking every world-size-th row of each batch (`shard_batch`);
+- training gradients: averaged by PyTorch's DistributedDataParallel during backward
+  (`data_parallel`), each process taking every world-size-th row of each batch (`shard_batch`);
 - evaluation: every world-size-th row of each split is scored by one process and the
-  per-example tables gathered in the original order (`shard_frame`, `gather_frame`).
+  per-example tables gathered in the original order (`shard_frame`, `gather_frame`);
+- training a model too large for one device: FSDP2 (`shard_model`), which keeps each process's
+  shard of every parameter, gradient and optimiser state; checkpoints and the saved model hold
+  whole tensors (`whole`, `full_state_dict`), read back into shards (`shard_like`).
 
 With one process (no process group) every function is the identity, so nothing else changes.
 """
@@ -139,20 +142,79 @@ def gather_frame(part, total: int):
     return pd.concat(parts, ignore_index=True).set_axis(order).sort_index()
 
 
-def average_gradients(tensors: Sequence[Tensor]) -> None:
-    """Replace each tensor's .grad by its mean over processes (one flat all-reduce)."""
-    if world_size() == 1:
-        return
-    grads = [t.grad for t in tensors if t.grad is not None]
-    if len(grads) != len(tensors):
-        raise RuntimeError("every trained tensor needs a gradient before averaging")
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(_device())
-    dist.all_reduce(flat)
-    flat /= world_size()
-    start = 0
-    for g in grads:
-        g.copy_(flat[start:start + g.numel()].view_as(g))
-        start += g.numel()
+class _DataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP that answers attribute lookups it does not know from the wrapped model (`config`,
+    `model.layers`, …), so objectives take it where they take the model."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `shard_model` has sharded `model` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """Shard `model` over the processes in place with FSDP2's `fully_shard`: one unit per
+    transformer block, one for the rest (embeddings, final norm, head). Parameter names,
+    shapes and requires_grad stay; each parameter becomes a DTensor holding this process's
+    rows. Frozen parameters are sharded too, so a model that does not fit on one device does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (world_size(),))
+    layers = getattr(model.config, "num_hidden_layers", None)
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers), None)
+    if blocks is None:
+        raise UserError(f"{type(model).__name__}: no list of {layers} transformer blocks to shard; run without --fsdp")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the root too: a swapped-in reference must be gathered anew
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered whole on every process (a collective); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """A whole tensor cut like `like` (this process's shard when `like` is a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """The whole state dict of a sharded model, on the main process's CPU (a collective: every
+    process calls it; the others get an empty dict); None for a model that is not sharded."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` under DistributedDataParallel when several processes run (else `model` itself).
+
+    DDP buckets and all-reduces (averages) the gradients of parameters with requires_grad during
+    backward, so frozen parameters outside a mask take no bucket and no traffic. Unused-parameter
+    detection is on: an objective may leave some selected tensors without a gradient (RMU's
+    layers after its steering layer), which plain DDP would take for a hang."""
+    if world_size() == 1 or is_sharded(model):  # FSDP reduces the gradients itself
+        return model
+    return _DataParallel(model, device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None,
+                         find_unused_parameters=True)
 
 
 def average(value: float) -> float:

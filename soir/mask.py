@@ -47,7 +47,10 @@ class Fingerprint:
 
     @classmethod
     def of(cls, model) -> "Fingerprint":
-        return cls(type(model).__name__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+        from torch.distributed.fsdp import FSDPModule
+
+        own = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # not FSDP's subclass of a sharded model
+        return cls(own.__name__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

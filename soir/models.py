@@ -208,8 +208,8 @@ def check_vocab_fits(model, tokenizer) -> None:
         )
 
 
-def save_model(model, tokenizer, out: str | os.PathLike) -> None:
-    """`save_pretrained` model (safetensors) and tokenizer into `out`."""
-    model.save_pretrained(out, safe_serialization=True)
+def save_model(model, tokenizer, out: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """`save_pretrained` model (safetensors; `state_dict` in place of its own) and tokenizer into `out`."""
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -543,7 +543,7 @@ def test_the_gnb_gradient_enters_the_hessian_at_the_selected_entries_only(make_m
     stream = BatchStream(encode(qa_frame, tokenizer), 2, pad_id(tokenizer), seed=0)
     objective = get_objective("graddiff")
     trainer = Trainer(model, objective, {"forget": stream, "retain": stream}, TrainSettings(steps=3, optimizer="sophiag", hessian_every=2,
-                      lr=1e-2, progress=False), tmp_path, parameters=masked.trained(), sync=masked.sync)
+                      lr=1e-2, progress=False), tmp_path, masked=masked)
     seen, inner = [], trainer.optimizer.update_hessian
     params = dict(model.named_parameters())
 

@@ -22,7 +22,7 @@ WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin", "rmu_layer", "
 
 
 TRAIN_FLAGS = ("batch_size", "lr", "optimizer", "weight_decay", "momentum", "rho", "sophia_betas", "hessian_every", "sophia_eps",
-               "warmup", "schedule", "max_grad_norm", "grad_accum", "eval_every", "save_every", "gradient_checkpointing")
+               "warmup", "schedule", "max_grad_norm", "grad_accum", "eval_every", "save_every", "gradient_checkpointing", "fsdp")
 
 
 def add_train(parser, lr: float) -> None:

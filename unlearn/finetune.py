@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
-from soir.distributed import barrier, is_main
+from soir.distributed import barrier, full_state_dict, is_main
 from soir.io import check_out_dir, write_json
 from soir.mask import Mask
 from soir.models import ModelSettings, save_model
 from soir.runtime import device_of, to_device
-from unlearn.loop import CHECKPOINTS, Trainer, TrainResult, TrainSettings
+from unlearn.loop import CHECKPOINTS, Trainer, TrainResult, TrainSettings, shard_for_training
 from unlearn.masking import MaskedParameters, regex_mask
 from unlearn.objectives import get_objective
 
@@ -41,10 +41,11 @@ class FinetuneSettings:
     overwrite: bool = False
 
 
-def write_model(model, tokenizer, out: Path) -> None:
-    """`save_pretrained` the model and its tokenizer into `out`, each file replacing its old version atomically."""
+def write_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """`save_pretrained` the model (or `state_dict`, a sharded model's gathered weights) and its
+    tokenizer into `out`, each file replacing its old version atomically."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
-        save_model(model, tokenizer, tmp)
+        save_model(model, tokenizer, tmp, state_dict)
         for item in Path(tmp).iterdir():
             os.replace(item, Path(out) / item.name)
 
@@ -77,12 +78,14 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     if settings.overwrite and not settings.resume and is_main():
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     barrier()
+    shard_for_training(model, mask, train)  # --fsdp under torchrun
     with MaskedParameters(model, mask) as masked:
         trainer = Trainer(model, get_objective("finetune"), {"train": lambda index: to_device(stream(index), device)}, train, out,
-                          parameters=masked.trained(), eval_callback=evaluate if encoded_evals else None, sync=masked.sync)
+                          masked=masked, eval_callback=evaluate if encoded_evals else None)
         result = trainer.train(resume=settings.resume)
+    state = full_state_dict(model)  # under --fsdp every process hands in its shards
     if not is_main():  # under torchrun one process writes
         return result
-    write_model(model, tokenizer, out)
+    write_model(model, tokenizer, out, state)
     write_json(out / "finetune.json", {"settings": asdict(settings) | {"train": asdict(train)}, "result": asdict(result)})
     return result

@@ -10,12 +10,14 @@ pure function of the step, so a checkpoint needs only tensors, the optimiser sta
 RNG state to resume bit-identically. An optimiser with a curvature estimate (`hessian_every`,
 SophiaG) gets its Gauss–Newton–Bartlett pass before updates 0, k, 2k, …, with labels sampled
 from a generator seeded by (seed, step): the schedule and the samples are pure functions of
-the step too. Under torchrun each process trains on its share of every batch's rows and the
-gradients are averaged before clipping (`soir.distributed`); the main process logs and saves.
+the step too. Under torchrun the model runs under DistributedDataParallel: each process trains
+on its share of every batch's rows and DDP averages the gradients during the last micro-batch's
+backward (`soir.distributed.data_parallel`); the main process logs and saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,16 +33,21 @@ from safetensors.torch import load_file, save_file
 
 from soir.distributed import (
     average,
-    average_gradients,
     barrier,
+    data_parallel,
     is_main,
+    is_sharded,
     shard_batch,
+    shard_like,
+    shard_model,
+    whole,
     world_size,
 )
 from soir.errors import UserError
 from soir.io import atomic_path
 from soir.runtime import device_of, tqdm
 from soir.settings import setting
+from unlearn.masking import MaskedParameters
 from unlearn.objectives import gnb_loss, hessian_streams
 from unlearn.optimizers import OPTIMIZERS, check_sophia, make_optimizer
 
@@ -83,6 +90,9 @@ class TrainSettings:
     keep_checkpoints: int = setting(2, "checkpoints kept")
     gradient_checkpointing: bool = setting(False, "recompute each block's activations during backward instead of keeping them "
                                                   "(transformers' gradient checkpointing): less memory for about one more forward")
+    fsdp: bool = setting(False, "under torchrun, shard weights, gradients and optimiser state over the processes (FSDP2, a unit per "
+                                "transformer block) for a model that does not fit on one device; whole-tensor masks and float32 "
+                                "weights; with one process it does nothing")
     seed: int = 0
     progress: bool = True
 
@@ -122,13 +132,15 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
-    """What a run did; `evals` holds its evaluation rows, `train` the settings it ran with (steps resolved)."""
+    """What a run did; `evals` holds its evaluation rows, `train` the settings it ran with (steps resolved),
+    `parallel` how it ran: "none" (one process), "ddp" (DistributedDataParallel) or "fsdp", and on how many processes."""
 
     steps_done: int
     final_loss: float
     seconds: float
     tokens: int
     resumed_from: int | None
+    parallel: str = "none"
     evals: list[dict] = field(default_factory=list)
     train: dict | None = None
 
@@ -143,6 +155,23 @@ def gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs) if on else model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on else model.gradient_checkpointing_disable()
+
+
+def shard_for_training(model: torch.nn.Module, mask, settings: TrainSettings) -> None:
+    """With `settings.fsdp` under torchrun, check that this run can be sharded and shard `model`
+    (`soir.distributed.shard_model`); before the masked parameters and the reference are built."""
+    if not settings.fsdp or world_size() == 1:
+        return
+    if mask.elements:
+        raise UserError("--fsdp trains whole tensors, and this mask selects entries of some: select tensors, modules or layers, "
+                        "or run without --fsdp")
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"}
+    if dtypes:
+        raise UserError(f"--fsdp keeps float32 weights (they are the sharded optimiser masters), and this model has {', '.join(sorted(dtypes))}: "
+                        "load it with --dtype float32")
+    if settings.eval_every:
+        raise UserError("--eval-every does not run under --fsdp yet: turn it off and evaluate the saved model (soir evaluate)")
+    shard_model(model)
 
 
 class NonFiniteLoss(UserError):
@@ -175,10 +204,11 @@ class Trainer:
     """Runs an objective over named batch streams, training only `parameters`.
 
     `parameters` are the tensors the optimiser updates (default: the model's parameters with
-    requires_grad); when they are copies of the model's (masked training: `MaskedParameters`),
-    `sync()` writes them into the model after every optimiser step and after a checkpoint is
-    loaded. `on_start(step)` runs once before training, with the step resumed from (None for a
-    fresh start); `reference` is handed to the objective.
+    requires_grad). Under a mask they come from `masked` (`MaskedParameters.trained()`): its
+    gradients are collected after each step's backward passes and its copies written into the
+    model after every optimiser step and after a checkpoint is loaded. `on_start(step)` runs
+    once before training, with the step resumed from (None for a fresh start); `reference` is
+    handed to the objective.
     """
 
     def __init__(
@@ -191,7 +221,7 @@ class Trainer:
         parameters: Mapping[str, torch.Tensor] | None = None,
         eval_callback: EvalCallback | None = None,
         reference=None,
-        sync: Callable[[], None] | None = None,
+        masked: MaskedParameters | None = None,
         on_start: Callable[[int | None], None] | None = None,
     ):
         missing = [s for s in objective.streams if s not in streams]
@@ -199,32 +229,39 @@ class Trainer:
             raise UserError(f"the objective needs data for {', '.join(missing)}")
         self.model, self.objective, self.streams, self.settings = model, objective, streams, settings
         self.out = Path(out)
-        self.params = dict(parameters) if parameters is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if parameters is None:
+            parameters = masked.trained() if masked is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = dict(parameters)
         self.names = {id(p): n for n, p in self.params.items()}
         self.optimizer = make_optimizer(settings.optimizer, self.params.values(), settings)
         if world_size() > 1 and getattr(self.optimizer, "hessian_every", 0):
             raise UserError(f"--optimizer {settings.optimizer} does not run on several processes yet: use adamw or sgd, or one process")
         self.eval_callback, self.reference = eval_callback, reference
-        self.sync, self.on_start = sync, on_start
+        self.masked, self.on_start = masked, on_start
+        self.forward_model = data_parallel(model)  # what the objective calls: DDP under torchrun
         self.step = 0
 
     # ------------------------------------------------------------ checkpoints
 
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        weights = {n: p.detach().contiguous() for n, p in self.params.items()}
+        """Whole tensors (gathered from every process's shard under FSDP: a collective)."""
+        weights = {n: whole(p.detach()).contiguous() for n, p in self.params.items()}
         optim = {}
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
-                optim[f"{self.names[id(p)]}::{key}"] = value.detach().contiguous()
+                optim[f"{self.names[id(p)]}::{key}"] = whole(value.detach()).contiguous()
         optim["::rng_cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             optim["::rng_cuda"] = torch.cuda.get_rng_state()
         return weights, optim
 
     def save_checkpoint(self) -> Path:
-        """Write the trained tensors and optimiser state at the current step, atomically."""
+        """Write the trained tensors and optimiser state at the current step, atomically (every
+        process calls it; the main one writes)."""
         weights, optim = self._state_tensors()
         final = self.out / CHECKPOINTS / f"step-{self.step:08d}"
+        if not is_main():
+            return final
         with atomic_path(final) as tmp:
             tmp.mkdir()
             save_file(weights, tmp / "weights.safetensors")
@@ -267,9 +304,9 @@ class Trainer:
             raise UserError(f"checkpoint {path} trains other tensors than this run: resume with the same mask and model")
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(weights[name])
-        if self.sync is not None:
-            self.sync()
+                param.copy_(shard_like(weights[name], param))
+        if self.masked is not None:
+            self.masked.sync()
         torch.set_rng_state(optim.pop("::rng_cpu"))
         cuda_rng = optim.pop("::rng_cuda", None)
         if cuda_rng is not None and torch.cuda.is_available():
@@ -279,7 +316,8 @@ class Trainer:
         state["state"] = {}
         for key, value in optim.items():
             name, _, field = key.partition("::")
-            state["state"].setdefault(index[name], {})[field] = value
+            param = self.params[name]
+            state["state"].setdefault(index[name], {})[field] = shard_like(value, param) if value.shape == param.shape else value
         self.optimizer.load_state_dict(state)
         self.step = saved["step"]
 
@@ -312,6 +350,12 @@ class Trainer:
                         param.grad.div_(count)
             self.optimizer.update_hessian(count)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces on the last micro-batch of a step only; the others accumulate locally."""
+        if last or self.forward_model is self.model:
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
 
     def _log(self, handle, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
@@ -361,13 +405,15 @@ class Trainer:
                 for micro in range(s.grad_accum):
                     index = self.step * s.grad_accum + micro
                     batches = {name: shard_batch(self.streams[name](index)) for name in self.objective.streams}
-                    loss, parts = self.objective(self.model, batches, self.reference)
-                    (loss / s.grad_accum).backward()
+                    with self._gradient_sync(last=micro == s.grad_accum - 1):
+                        loss, parts = self.objective(self.forward_model, batches, self.reference)
+                        (loss / s.grad_accum).backward()
                     total += loss.item() / s.grad_accum
                     for key, value in parts.items():
                         components[key] = components.get(key, 0.0) + float(value) / s.grad_accum
                     tokens += sum(int(b["attention_mask"].sum()) for b in batches.values())
-                average_gradients(list(self.params.values()))  # under torchrun: the gradient of the global batch
+                if self.masked is not None:
+                    self.masked.collect_gradients()
                 total = average(total)
                 if not math.isfinite(total):
                     bar.close()
@@ -376,11 +422,11 @@ class Trainer:
                     raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}; {kept}; lower --lr or raise --warmup")
                 grad_norm = None
                 if s.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm))
+                    grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.sync is not None:
-                    self.sync()
+                if self.masked is not None:
+                    self.masked.sync()
                 self.step += 1
                 loss_value = total
                 row = {"step": self.step, "lr": lr, "loss": total, **components, "grad_norm": grad_norm, "seconds": round(time.perf_counter() - start, 4)}
@@ -395,8 +441,10 @@ class Trainer:
                 self._log(log, row)
                 bar.set_postfix(loss=f"{total:.4f}", refresh=False)
                 bar.update(1)
-                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps and is_main():
+                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps:
                     self.save_checkpoint()
         bar.close()
         self.model.eval()
-        return TrainResult(self.step, loss_value, time.perf_counter() - start, tokens, resumed_from)
+        parallel = "fsdp" if is_sharded(self.model) else "ddp" if self.forward_model is not self.model else "none"
+        return TrainResult(self.step, loss_value, time.perf_counter() - start, tokens, resumed_from,
+                           parallel=parallel if parallel == "none" else f"{parallel} × {world_size()}")

@@ -10,11 +10,14 @@ so no gradient, weight decay or momentum reaches them. The optimiser trains `tra
 For the last two, a hook moves the parameter's gradient into the trained tensor as soon as
 backward has accumulated it (gathering the selected entries; upcast to float32 from half precision) and drops the dense
 gradient, so no dense gradient or optimiser state of a partly selected tensor is kept, and
-half-precision weights get float32 updates. After each optimiser step `sync()` writes the
-trained tensors back into the model; entries outside the mask are never written, so they stay
-bit-identical. Per step:
+half-precision weights get float32 updates. Under torchrun the hook would see the gradient
+before DistributedDataParallel has averaged it, so there `collect_gradients()` moves the
+averaged gradients after backward instead (DDP keeps whole-tensor gradient buckets anyway).
+After each optimiser step `sync()` writes the trained tensors back into the model; entries
+outside the mask are never written, so they stay bit-identical. Per step:
 
     loss.backward()                  # hooks gather the selected gradients
+    masked.collect_gradients()       # (under torchrun: gather them now)
     clip_grad_norm_(masked.trained().values(), ...)
     optimizer.step()
     masked.sync()
@@ -27,6 +30,7 @@ from typing import Mapping
 
 import torch
 
+from soir.distributed import world_size
 from soir.errors import UserError
 from soir.mask import Mask
 
@@ -48,6 +52,7 @@ class MaskedParameters:
         self._trained: dict[str, torch.Tensor] = {}
         self._copies: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []  # (parameter, trained, flat index)
         self._hooks = []
+        self._in_backward = world_size() == 1  # under DDP the gradients are whole only after backward
         for name, param in self._named:
             keep = mask.elements.get(name)
             if keep is None and param.dtype in FULL_PRECISION:
@@ -58,7 +63,8 @@ class MaskedParameters:
             master = torch.nn.Parameter(values.to(_master_dtype(param.dtype), copy=True))
             self._trained[name] = master
             self._copies.append((param, master, index))
-            self._hooks.append(param.register_post_accumulate_grad_hook(_gather_into(master, index)))
+            if self._in_backward:
+                self._hooks.append(param.register_post_accumulate_grad_hook(_gather_into(master, index)))
 
     def __enter__(self) -> "MaskedParameters":
         return self
@@ -79,6 +85,15 @@ class MaskedParameters:
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The model's selected parameters, whole."""
         return list(self._named)
+
+    def collect_gradients(self) -> None:
+        """Move the model's gradients into the trained copies where no hook did during backward
+        (under torchrun, after DDP's all-reduce); a no-op otherwise."""
+        if self._in_backward:
+            return
+        for param, master, index in self._copies:
+            if param.grad is not None:
+                _gather_into(master, index)(param)
 
     @torch.no_grad()
     def sync(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from soir.distributed import is_sharded
 from soir.mask import Mask
 from soir.runtime import eval_mode, lm_logits
 
@@ -69,19 +70,29 @@ class SwapReference:
 
     @torch.no_grad()
     def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
-        """`fn(model)` with the original values swapped in, in eval mode and without grad."""
-        current = [param.data for param, _ in self._params]
+        """`fn(model)` with the original values swapped in, in eval mode and without grad.
+
+        A sharded model's (FSDP's) parameters are views into storage FSDP gathers from, so there
+        whole tensors are copied in and out instead of rebound."""
+        in_place = is_sharded(self.model)
+        current = [param.detach().clone() if in_place else param.data for param, _ in self._params]
         entries = [param.data.view(-1)[index] for param, index, _ in self._entries]  # a gather: a copy
         try:
             for param, original in self._params:
-                param.data = original
+                if in_place:
+                    param.detach().copy_(original)
+                else:
+                    param.data = original
             for param, index, original in self._entries:
                 param.data.view(-1).index_copy_(0, index, original)
             with eval_mode(self.model):
                 return fn(self.model)
         finally:
             for (param, _), data in zip(self._params, current):
-                param.data = data
+                if in_place:
+                    param.detach().copy_(data)
+                else:
+                    param.data = data
             for (param, index, _), values in zip(self._entries, entries):
                 param.data.view(-1).index_copy_(0, index, values)
 
@@ -109,8 +120,8 @@ class CopyReference:
 
 
 def make_reference(model, mask: Mask, originals: Mapping[str, torch.Tensor] | None = None):
-    """`CopyReference` when `mask` selects every parameter whole, else a `SwapReference` of its
-    tensors (of the selected entries only, for element-masked ones)."""
-    if mask.is_full:
+    """`CopyReference` when `mask` selects every parameter whole (of an unsharded model), else a
+    `SwapReference` of its tensors (of the selected entries only, for element-masked ones)."""
+    if mask.is_full and not is_sharded(model):
         return CopyReference(model)
     return SwapReference(model, mask.names, originals, mask.elements)

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
-from soir.distributed import barrier, is_main
+from soir.distributed import barrier, full_state_dict, is_main
 from soir.errors import UserError
 from soir.io import check_out_dir, write_json
 from soir.mask import TENSORS_FILE, Mask
@@ -49,7 +49,7 @@ from soir.ranking import load as load_ranking
 from soir.runtime import device_of, to_device
 from soir.select import SelectSettings, select
 from unlearn.finetune import write_model
-from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings
+from unlearn.loop import CHECKPOINTS, EvalCallback, Trainer, TrainResult, TrainSettings, shard_for_training
 from unlearn.masking import MaskedParameters, regex_mask
 from unlearn.objectives import (
     IDK_STREAM,
@@ -213,6 +213,7 @@ def unlearn_model(
                                           seed=train.seed)
     train = train.resolve_steps(streams["forget"].batches_per_epoch)
     device = device_of(model)
+    shard_for_training(model, mask, train)  # --fsdp under torchrun
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with contextlib.ExitStack() as stack:
         if out is None:
@@ -240,7 +241,7 @@ def unlearn_model(
 
         trainer = Trainer(
             model, unlearning, {name: _on_device(st, device) for name, st in streams.items() if name in unlearning.streams}, train, out,
-            parameters=masked.trained(), eval_callback=callback, reference=reference, sync=masked.sync, on_start=on_start,
+            masked=masked, eval_callback=callback, reference=reference, on_start=on_start,
         )
         done = trainer.train(resume=resume)
         evals = [json.loads(line) for line in callback.path.read_text().splitlines()] if callback is not None and is_main() else []
@@ -290,9 +291,10 @@ def unlearn(settings: UnlearnSettings, eval_callback: EvalCallback | None = None
     barrier()
     result = unlearn_model(model, tokenizer, frames["forget"], frames["retain"], mask, objective=s.objective, weights=s.weights,
                            train=s.train, data=s.input, out=out, resume=s.resume, eval_callback=eval_callback)
+    state = full_state_dict(model)  # under --fsdp every process hands in its shards
     if not is_main():
         return result
-    write_model(model, tokenizer, out)
+    write_model(model, tokenizer, out, state)
     summary = {k: v for k, v in mask.summary().items() if k in ("n_selected", "n_total", "fraction", "settings")}
     write_json(out / SETTINGS_FILE, {
         "settings": asdict(s) | {"train": result.train},
