@@ -355,25 +355,33 @@ EVAL_COLUMNS = {
 }
 
 
+def testbed_eval_settings(max_new_tokens: int = 80, progress: bool = False):
+    """How the testbed's models are evaluated (MMLU prompts as the general split is trained)."""
+    from analysis.evaluate import EvalSettings
+    from analysis.generation import GenerationSettings
+    from analysis.metrics import ScoreSettings
+    from analysis.mmlu import MMLUSettings
+
+    return EvalSettings(
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=64, progress=progress),
+        scoring=ScoreSettings(batch_size=64, progress=progress),
+        mmlu=MMLUSettings(prompt="{question}", batch_size=64, progress=progress),
+        progress=progress,
+    )
+
+
 def evaluation_stage(out: Path, paths: dict[str, Path], recipe: StudyRecipe, unlearned: list[str], progress: bool) -> dict:
     """`analysis.evaluate` of every model into eval/<model>/; the headline numbers in eval/summary.parquet.
 
     Forget quality compares each model's forget truth ratios with the oracle's (evaluated first)."""
-    from analysis.evaluate import EvalSettings, evaluate, write_evaluation
-    from analysis.generation import GenerationSettings
-    from analysis.metrics import ScoreSettings, forget_quality
-    from analysis.mmlu import MMLUSettings
+    from analysis.evaluate import evaluate, write_evaluation
+    from analysis.metrics import forget_quality
     from soir.io import write_parquet
 
     data = paths["data"]
     tokenizer = load_tokenizer(data / "tokenizer")
     frames = _splits(data)
-    settings = EvalSettings(
-        generation=GenerationSettings(max_new_tokens=recipe.max_new_tokens, batch_size=64, progress=progress),
-        scoring=ScoreSettings(batch_size=64, progress=progress),
-        mmlu=MMLUSettings(prompt="{question}", batch_size=64, progress=progress),  # as the general split is trained
-        progress=progress,
-    )
+    settings = testbed_eval_settings(recipe.max_new_tokens, progress)
     models = {"oracle": paths["oracle"], "base": paths["base"], "finetuned": paths["finetuned"],
               **{name: out / "unlearned" / name for name in unlearned}}
     reference, rows = None, {}

@@ -3,8 +3,9 @@ CPU), on the testbed's finetuned model, with the same total number of threads.
 
 One process gets all `--threads` threads; N processes get threads / N each, so the comparison
 is what data parallelism buys over intra-op threads on the same cores. Unlearning: NPO on a
-10% tensor mask (`soir select --top 0.1 --by params` of a `soir` ranking), time per step from
-log.jsonl (first step excluded); ranking: `soir rank` wall time.
+10% tensor mask (`soir select --top 0.1 --by params` of a `soir` ranking), under DDP and, on
+several processes, under `--fsdp` too; time per step from log.jsonl (first step excluded);
+ranking: `soir rank` wall time.
 
     .venv/bin/python benchmarks/distributed_scaling.py --testbed demo-out
 
@@ -60,15 +61,22 @@ def main(argv=None) -> int:
                                   "--by", "params", "--out", str(work / "mask")])
         for n in args.processes:
             rank_s = command(n, args.threads, ["rank", "--model", str(bed / "finetuned"), *data, "--no-progress", "--out", str(work / f"rank-{n}")])
-            out = work / f"unlearn-{n}"
-            unlearn_s = command(n, args.threads, ["unlearn", "--model", str(bed / "finetuned"), *data, "--mask", str(work / "mask"),
-                                                  "--objective", "npo", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                                  "--lr", "1e-3", "--warmup", "0", "--no-progress", "--out", str(out)])
-            seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
-            per_step = (seconds[-1] - seconds[0]) / (len(seconds) - 1)
+
+            def unlearn(name: str, *extra: str) -> tuple[float, float]:
+                """(wall seconds, seconds per step) of one NPO run."""
+                out = work / f"unlearn-{name}-{n}"
+                wall = command(n, args.threads, ["unlearn", "--model", str(bed / "finetuned"), *data, "--mask", str(work / "mask"),
+                                                 "--objective", "npo", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                                 "--lr", "1e-3", "--warmup", "0", "--no-progress", "--out", str(out), *extra])
+                seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
+                return wall, (seconds[-1] - seconds[0]) / (len(seconds) - 1)
+
+            unlearn_s, per_step = unlearn("ddp")
+            fsdp_per_step = unlearn("fsdp", "--fsdp")[1] if n > 1 else float("nan")
             timings = json.loads((work / f"rank-{n}" / "ranking.json").read_text())["timings_s"]
             rows.append({"processes": n, "threads_per_process": max(1, args.threads // n), "rank_wall_s": round(rank_s, 2),
-                         "rank_stages_s": round(timings["total"], 2), "unlearn_wall_s": round(unlearn_s, 2), "unlearn_s_per_step": round(per_step, 4)})
+                         "rank_stages_s": round(timings["total"], 2), "unlearn_wall_s": round(unlearn_s, 2), "unlearn_s_per_step": round(per_step, 4),
+                         "unlearn_fsdp_s_per_step": round(fsdp_per_step, 4)})
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     for column in ("rank_stages_s", "unlearn_s_per_step"):
@@ -92,7 +100,11 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     left.set_xlabel("processes (same cores in all)")
     left.set_ylabel("seconds")
     left.set_title("soir rank (its stages)")
-    right.bar(table["processes"].astype(str), table["unlearn_s_per_step"])
+    where = range(len(table))
+    right.bar([i - 0.2 for i in where], table["unlearn_s_per_step"], width=0.4, label="one process / DDP")
+    right.bar([i + 0.2 for i in where], table["unlearn_fsdp_s_per_step"].fillna(0), width=0.4, label="--fsdp")
+    right.set_xticks(list(where), table["processes"].astype(str))
+    right.legend(fontsize=8)
     right.set_xlabel("processes (same cores in all)")
     right.set_ylabel("seconds per step")
     right.set_title("soir unlearn, NPO, 10% mask")

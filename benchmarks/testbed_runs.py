@@ -39,10 +39,14 @@ class Testbed:
         sets = sets if sets is not None else {f"{s}_accuracy": e for s, e in self.encoded.items()}
         return {name: answer_accuracy(teacher_forced(model, enc, self.pad)) for name, enc in sets.items()}
 
-    def unlearned(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int,
-                  sets: dict[str, Encoded] | None = None) -> dict[str, float]:
-        """Accuracies after unlearning a fresh copy of `start` with `mask` (batch 32, no warmup)."""
+    def unlearn(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int):
+        """A fresh copy of `start` unlearned with `mask` (batch 32, no warmup)."""
         model = self.model(start)
         unlearn_model(model, self.tokenizer, self.frames["forget"], self.frames["retain"], mask, objective=objective,
                       train=TrainSettings(steps=steps, lr=lr, batch_size=32, warmup=0, seed=seed, progress=False))
-        return self.accuracies(model, sets)
+        return model
+
+    def unlearned(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int,
+                  sets: dict[str, Encoded] | None = None) -> dict[str, float]:
+        """Accuracies after unlearning a fresh copy of `start` with `mask` (`unlearn`)."""
+        return self.accuracies(self.unlearn(start, mask, objective, lr, steps, seed), sets)
