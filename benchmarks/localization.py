@@ -252,9 +252,15 @@ def plot(table: pd.DataFrame, matched: pd.DataFrame, oracle: dict, path: Path) -
             ax.axvline(oracle["test_forget"], color="grey", ls="--", lw=0.8, label="retain-only model")
             ax.set_xlabel("forget accuracy (test half; lower: forgot)")
             ax.set_ylabel("retain accuracy (test half)")
-            ax.set_title(f"{objective}, budget {budget:.0%} of parameters (squares: matched runs)", fontsize=9)
+            ax.set_title(f"{objective}, {budget:.0%} of parameters", fontsize=9)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    shown = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(label, handle)
+    fig.legend(shown.values(), shown.keys(), loc="outside right upper", fontsize=8)
+    fig.suptitle("retain against forget on test rows: lines over each lr grid (mean of seeds); squares: the runs chosen on "
+                 "validation rows, mean ± std over seeds", fontsize=9)
     save_figure(fig, path)
 
 
