@@ -79,26 +79,28 @@ class SwapReference:
         entries = [param.data.view(-1)[index] for param, index, _ in self._entries]  # a gather: a copy
         try:
             for param, original in self._params:
-                if in_place:
-                    param.detach().copy_(original)
-                else:
-                    param.data = original
+                _put(param, original, in_place)
             for param, index, original in self._entries:
                 param.data.view(-1).index_copy_(0, index, original)
             with eval_mode(self.model):
                 return fn(self.model)
         finally:
             for (param, _), data in zip(self._params, current):
-                if in_place:
-                    param.detach().copy_(data)
-                else:
-                    param.data = data
+                _put(param, data, in_place)
             for (param, index, _), values in zip(self._entries, entries):
                 param.data.view(-1).index_copy_(0, index, values)
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.apply(lambda model: lm_logits(model, batch).detach())
+
+
+def _put(param: torch.nn.Parameter, value: torch.Tensor, in_place: bool) -> None:
+    """Give `param` the values of `value`: copied into its storage, or its storage rebound."""
+    if in_place:
+        param.detach().copy_(value)
+    else:
+        param.data = value
 
 
 class CopyReference:
