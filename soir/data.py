@@ -288,12 +288,16 @@ class BatchStream:
     def batches_per_epoch(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
-    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+    def rows(self, index: int) -> list[int]:
+        """The rows of `data` in batch `index`."""
         epoch, position = divmod(index, self.batches_per_epoch)
         if self._cache.get("epoch") != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._cache = {"epoch": epoch, "order": torch.randperm(len(self.data), generator=generator).tolist()}
-        rows = self._cache["order"][position * self.batch_size : (position + 1) * self.batch_size]
+        return self._cache["order"][position * self.batch_size : (position + 1) * self.batch_size]
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        rows = self.rows(index)
         return collate([self.data.input_ids[i] for i in rows], [self.data.labels[i] for i in rows], self.pad)
 
 

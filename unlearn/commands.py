@@ -45,11 +45,14 @@ def train_settings(args) -> TrainSettings:
 
 def finetune_arguments(p) -> None:
     add_model(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training splits (parquet, jsonl or csv)")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training splits (parquet, jsonl or csv)")
     p.add_argument("--eval", nargs="+", default=[], metavar="NAME=FILE", help="splits to track with --eval-every, e.g. forget=forget.parquet")
     p.add_argument("--include", nargs="+", default=[], metavar="RE",
                    help="train only the tensors whose name matches one of these regexes (re.search); the rest stay bit-identical")
     p.add_argument("--exclude", nargs="+", default=[], metavar="RE", help="do not train the tensors whose name matches one of these")
+    p.add_argument("--confined-data", nargs="+", default=[], metavar="FILE",
+                   help="splits mixed into the batches whose rows train only the tensors --confine matches (plants knowledge in known tensors)")
+    p.add_argument("--confine", nargs="+", default=[], metavar="RE", help="the tensors the --confined-data rows may train (regexes, re.search)")
     add_data(p)
     add_train(p, lr=3e-3)
     add_tiny(p)
@@ -65,7 +68,7 @@ def finetune(args) -> int:
 
     settings = FinetuneSettings(model=model_settings(args), data=tuple(args.data), out=args.out, input=data_settings(args),
                                 train=train_settings(args), include=tuple(args.include), exclude=tuple(args.exclude),
-                                resume=args.resume, overwrite=args.overwrite)
+                                confine=tuple(args.confine), confined_data=tuple(args.confined_data), resume=args.resume, overwrite=args.overwrite)
     result = run_finetune(settings, named_files(args.eval))
     if is_main():
         print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")

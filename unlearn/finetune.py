@@ -2,21 +2,30 @@
 
 Two calls build the testbed's finetune-then-unlearn pair: a base model trained on `general`,
 and a finetuned model trained from it on `forget` + `retain`. With `include`/`exclude` only
-the matching tensors train (masked training, bit-identical elsewhere): the planted testbed
-(benchmarks/planted.py) writes the forget knowledge into known tensors that way.
+the matching tensors train (masked training, bit-identical elsewhere). With `confine` and
+`confined_data`, every trained tensor learns the rows of `data`, but the rows of
+`confined_data` reach only the tensors `confine` matches: batches mix both, and a confined
+row's loss flows through the other tensors as constants. The planted testbeds
+(benchmarks/planted.py) write the forget knowledge into known tensors both ways.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from soir.data import BatchStream, DataSettings, answer_accuracy, pad_id, teacher_forced
+import pandas as pd
+import torch
+from torch.func import functional_call
+
+from soir.data import BatchStream, DataSettings, answer_accuracy, example_losses, pad_id, teacher_forced
 from soir.distributed import barrier, full_state_dict, is_main
+from soir.errors import UserError
 from soir.io import check_out_dir, write_json
 from soir.mask import Mask
 from soir.models import ModelSettings, save_model
@@ -37,6 +46,8 @@ class FinetuneSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    confine: tuple[str, ...] = ()  # regexes: the tensors the rows of `confined_data` may train
+    confined_data: tuple[str, ...] = ()
     resume: bool = False
     overwrite: bool = False
 
@@ -50,6 +61,64 @@ def write_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> 
             os.replace(item, Path(out) / item.name)
 
 
+class ConfinedFinetune:
+    """NLL descent where the rows flagged `confined` train only the tensors named in `confined`.
+
+    The batch's loss is the same mean over its rows as plain finetuning; the confined rows run
+    a second forward in which every other parameter is detached, so their gradient reaches
+    only the confined tensors while the free rows' gradient reaches every trained tensor.
+    """
+
+    streams = ("train",)
+    needs_reference = False
+
+    def __init__(self, model, confined: set[str]):
+        self.confined = confined
+        self.names = [n for n, _ in model.named_parameters()]
+
+    def __call__(self, model, batches, reference=None):
+        batch = batches["train"]
+        flags = batch["confined"]
+        parts = []
+        if (~flags).any():
+            parts.append(example_losses(model, _rows(batch, ~flags)))
+        if flags.any():
+            params = {n: p if n in self.confined else p.detach() for n, p in model.named_parameters()}
+            parts.append(example_losses(_Detached(model, params), _rows(batch, flags)))
+        loss = torch.cat(parts).sum() / len(flags)
+        return loss, {"nll": loss.detach()}
+
+
+class _Detached:
+    """A model called with some of its parameters replaced (torch.func.functional_call)."""
+
+    def __init__(self, model, params):
+        self.model, self.params = model, params
+
+    def __call__(self, **inputs):
+        return functional_call(self.model, self.params, (), inputs)
+
+
+def _rows(batch: dict, keep: torch.Tensor) -> dict:
+    return {k: v[keep] for k, v in batch.items() if k != "confined"}
+
+
+def confined_names(model, patterns: Sequence[str], trained: Mask) -> set[str]:
+    """The trained tensors matching any of `patterns`; a pattern matching none of them is an error."""
+    trained_names = set(trained.names)
+    names = set()
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"--confine {pattern!r} is not a regular expression: {exc}") from None
+        found = {n for n, _ in model.named_parameters() if regex.search(n) and n in trained_names}
+        if not found:
+            raise UserError(f"--confine {pattern!r} matches no trained tensor of this model: check the names (e.g. model.layers.0.mlp)")
+        names |= found
+    return names
+
+
 def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | None = None) -> TrainResult:
     """Train, save the model and tokenizer into `settings.out`, and return the run's summary.
 
@@ -59,15 +128,31 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     """
     out = Path(settings.out)
     tokenizer = settings.model.load_tokenizer()
-    frame = settings.input.read(settings.data)
+    if bool(settings.confine) != bool(settings.confined_data):
+        raise UserError("--confine and --confined-data go together: the tensors the confined rows may train, and those rows")
+    frame = settings.input.read(settings.data) if settings.data else None
+    confined_frame = settings.input.read(settings.confined_data) if settings.confined_data else None
+    if frame is None and confined_frame is None:
+        raise UserError("nothing to train on: give --data (or --confined-data with --confine)")
     evals = {name: settings.input.read(files) for name, files in (eval_data or {}).items()}
     model = settings.model.load(tokenizer, seed=settings.train.seed)
     mask = regex_mask(model, settings.include, settings.exclude) if settings.include or settings.exclude else Mask.full(model)
+    objective = ConfinedFinetune(model, confined_names(model, settings.confine, mask)) if settings.confine else get_objective("finetune")
     check_out_dir(out, resume=settings.resume, overwrite=settings.overwrite)
 
     pad = pad_id(tokenizer)
-    data = settings.input.encode(frame, tokenizer)
+    frames = [f for f in (frame, confined_frame) if f is not None]
+    data = settings.input.encode(pd.concat(frames, ignore_index=True), tokenizer)
     stream = BatchStream(data, settings.train.batch_size, pad, seed=settings.train.seed)
+    flags = torch.zeros(len(data), dtype=torch.bool)
+    flags[len(data) - (0 if confined_frame is None else len(confined_frame)):] = True
+
+    def batch(index):
+        rows = stream(index)
+        if settings.confine:
+            rows["confined"] = flags[stream.rows(index)]
+        return to_device(rows, device)
+
     train = settings.train.resolve_steps(stream.batches_per_epoch)
     encoded_evals = {name: settings.input.encode(f, tokenizer) for name, f in evals.items()}
     device = device_of(model)
@@ -80,7 +165,7 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     barrier()
     shard_for_training(model, mask, train)  # --fsdp under torchrun
     with MaskedParameters(model, mask) as masked:
-        trainer = Trainer(model, get_objective("finetune"), {"train": lambda index: to_device(stream(index), device)}, train, out,
+        trainer = Trainer(model, objective, {"train": batch}, train, out,
                           masked=masked, eval_callback=evaluate if encoded_evals else None)
         result = trainer.train(resume=settings.resume)
     state = full_state_dict(model)  # under --fsdp every process hands in its shards
