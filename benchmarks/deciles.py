@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from soir.ranking import RankSettings, rank  # noqa: E402
 from soir.select import SelectSettings, select  # noqa: E402
+from soir.scores import get_score  # noqa: E402
 from testbed_runs import Testbed  # noqa: E402
 
 SCORES = ("soir", "soir-line", "soir-datainf", "shift", "fo-influence", "random")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     rows = []
     for score in args.scores:
         ranking = rank(model, bed.encoded["forget"], bed.encoded["retain"], bed.pad, RankSettings(score=score, max_examples=args.max_examples),
-                       base_model=base if score == "shift" else None, progress=False)
+                       base_model=base if get_score(score).needs_base else None, progress=False)
         n_groups = len(ranking.table)
         size = math.ceil(0.1 * n_groups)
         for decile in range(10):

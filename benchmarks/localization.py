@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                 continue
             ranking = rank(model, bed.encoded["forget"], bed.encoded["retain"], bed.pad,
                            RankSettings(score=localizer, granularity=granularity, max_examples=args.max_examples),
-                           base_model=base if localizer == "shift" else None, progress=False)
+                           base_model=base if SCORES[localizer].needs_base else None, progress=False)
             for budget in budgets:
                 selections[(localizer, budget)] = select(ranking, model, SelectSettings(top=budget, by="params"))
         print(f"ranked by {localizer}: {time.perf_counter() - started:.0f} s", flush=True)

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -39,10 +41,12 @@ class Testbed:
         sets = sets if sets is not None else {f"{s}_accuracy": e for s, e in self.encoded.items()}
         return {name: answer_accuracy(teacher_forced(model, enc, self.pad)) for name, enc in sets.items()}
 
-    def unlearn(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int):
-        """A fresh copy of `start` unlearned with `mask` (batch 32, no warmup)."""
+    def unlearn(self, start: str | Path, mask: Mask, objective: str, lr: float, steps: int, seed: int, retain: pd.DataFrame | None = None):
+        """A fresh copy of `start` unlearned with `mask` (batch 32, no warmup) on the forget split and
+        `retain` (default: the whole retain split)."""
         model = self.model(start)
-        unlearn_model(model, self.tokenizer, self.frames["forget"], self.frames["retain"], mask, objective=objective,
+        retain = self.frames["retain"] if retain is None else retain
+        unlearn_model(model, self.tokenizer, self.frames["forget"], retain, mask, objective=objective,
                       train=TrainSettings(steps=steps, lr=lr, batch_size=32, warmup=0, seed=seed, progress=False))
         return model
 

@@ -133,8 +133,8 @@ def _rank_from_model(args, settings, keep_quantities: bool):
     from soir.ranking import rank as rank_groups
     from soir.scores import get_score
 
-    if "theta_base" in get_score(settings.score).needs and not args.base:
-        raise UserError(f"--score {settings.score} ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
+    if get_score(settings.score).needs_base and not args.base:
+        raise UserError(f"--score {settings.score} needs the base model (the checkpoint this model was finetuned from): give --base DIR")
     data = data_settings(args)
     model_spec = model_settings(args, dtype="float32")
     forget_frame, retain_frame = data.read(args.forget), data.read(args.retain)

@@ -11,7 +11,9 @@
 - `per_example_forget`, `per_example_retain`: per-example gradient sketches (exact with `none`);
 - `theta`, `theta_base`: the parameters of the model and of its base model;
 - `line`: η, forget gain and retain damage of the measured step along g_f,S that forgets Δ
-  (`soir.linesearch`).
+  (`soir.linesearch`);
+- `revert`: the forget- and retain-loss rises of resetting the group to the base model
+  (`soir.revert`).
 
 Values are {group name: tensor} (c_f, c_r: {group name: float}). Under torchrun each process
 holds a shard of the rows; means are combined by row count and per-example rows gathered
@@ -39,6 +41,7 @@ from soir.errors import UserError
 from soir.gradients import mean_gradient
 from soir.groups import Group, gather, group_table
 from soir.linesearch import line_quantities
+from soir.revert import revert_quantities
 from soir.runtime import tqdm, versions
 from soir.scores import QUANTITIES
 from soir.sketch import (
@@ -53,7 +56,7 @@ SPLITS = ("forget", "retain")
 GROUP_TENSORS = ("mean_forget", "mean_retain", "per_example_forget", "per_example_retain")
 GROUP_SCALARS = ("c_f", "c_r")
 SAVED = GROUP_TENSORS + GROUP_SCALARS  # what --save-sketches stores; θ and θ_base never are
-FROM_DATA = SAVED + ("line",)  # the quantities that need the forget and retain batches
+FROM_DATA = SAVED + ("line", "revert")  # the quantities that need the forget and retain batches
 SKETCHES_FORMAT = "soir-rank-sketches"
 SKETCHES_DIR = "sketches"
 FORMAT_VERSION = 1
@@ -125,10 +128,17 @@ class GroupQuantities:
                 out[f"per_example_{s}"] = self._per_example(s)
         if "theta" in needs:
             out["theta"] = self._gathered(self.model, "model")
+        if ("theta_base" in needs or "revert" in needs) and self.base_model is None:
+            raise UserError("this score needs the base model (the checkpoint the model was finetuned from): give --base DIR")
         if "theta_base" in needs:
-            if self.base_model is None:
-                raise UserError("--score shift ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
             out["theta_base"] = self._gathered(self.base_model, "base model")
+        if "revert" in needs:
+            self._gathered(self.base_model, "base model")  # the same shapes, or one clear line
+            start = time.perf_counter()
+            with progress_bar(self.progress, len(self.groups), "revert to base", "group") as bar:
+                out["revert"] = revert_quantities(self.model, self.base_model, self.batches["forget"], self.batches["retain"], self.groups,
+                                                  bar=bar, loss_fn=self.loss_fn, reduce=global_mean)
+            self.timings["revert"] = time.perf_counter() - start
         return {k: out[k] for k in needs}
 
     def _mean_gradients(self, splits: Sequence[str]) -> dict[str, dict[str, Tensor]]:

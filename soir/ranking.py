@@ -222,7 +222,7 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     """Rank the model's parameter groups by `settings.score` (see the module docstring).
 
     `forget` and `retain` are encoded splits (`soir.data.encode`), `pad` the pad token id.
-    `base_model` is needed by `shift` only. `loss_fn(model, batch) -> (B,)` replaces the
+    `base_model` is needed by the scores reading it (`shift`, `revert`). `loss_fn(model, batch) -> (B,)` replaces the
     contract's per-example loss. The model is used in eval mode and left unchanged (no
     `.grad`, same requires_grad flags). Scores needing curvature need eager attention.
     Returns a `Ranking`; rank 1 is the best group (the score's `lower_is_better` decides
@@ -232,8 +232,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     """
     started = time.perf_counter()
     score = get_score(settings.score)
-    if "theta_base" in score.needs and base_model is None:
-        raise UserError(f"--score {settings.score} ranks by |θ_finetuned − θ_base| and needs the base model: give --base DIR")
+    if score.needs_base and base_model is None:
+        raise UserError(f"--score {settings.score} needs the base model (the checkpoint this model was finetuned from): give --base DIR")
     groups = filter_groups(parameter_groups(model, settings.granularity, settings.norms), settings.include, settings.exclude)
     needs_data = any(k in FROM_DATA for k in score.needs)
     forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed, shard=True) if needs_data else []

@@ -13,6 +13,10 @@ of its gradient sketches. A function returns the score, or a dict with the score
   gradient-ascent step restricted to the group; invariant to rescaling the group.
 - `soir-datainf` (descending): the thesis's DataInf-style |v_S|₂, computed from Gram
   quantities so it is exact in sketch space.
+- `soir-slope` (ascending): b/a, soir's Δ → 0 limit: retain damage per nat forgotten by the first step.
+- `cancel` (descending): −cos(g_f,S, g_r,S), high where finetuning fitted forget and retain together.
+- `revert` (descending, needs the base model): how selectively resetting the group to its
+  base values brings the forget loss back, measured by forward passes.
 - baselines: `grad-magnitude`, `fo-influence`, `fisher`, `wagle`, `shift`, `random`.
 """
 
@@ -179,7 +183,9 @@ QUANTITIES = {
     "theta": "the model's parameters",
     "theta_base": "the base model's parameters",
     "line": "the line search to the forget target",
+    "revert": "the losses with the group reverted to the base model",
 }
+NEEDS_BASE = ("theta_base", "revert")  # quantities read from the base model (`--base`)
 # Scalars from the ranking settings or the group that a score function may name.
 PARAMETERS = ("delta", "lam", "gamma", "seed", "name", "n_params")
 
@@ -194,6 +200,10 @@ class Score:
     sketchable: bool  # exact (or unbiased) when gradients are replaced by sketches
     columns: tuple[str, ...] = ()  # extra ranking-table columns the function returns
     help: str = ""
+
+    @property
+    def needs_base(self) -> bool:
+        return any(q in NEEDS_BASE for q in self.needs)
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -255,6 +265,47 @@ def soir_line(line: Tensor) -> dict[str, float]:
     """SOIR measured instead of extrapolated: R at the η where the real forget loss has risen by Δ."""
     eta, gain, damage = (float(x) for x in line)
     return {"score": damage if math.isfinite(eta) else math.inf, "eta": eta, "forget_gain": gain, "retain_damage": damage}
+
+
+@register_score("cancel", lower_is_better=False, needs=("mean_forget", "mean_retain"), columns=("cos", "forget_norm", "retain_norm"),
+                help="how exactly the group's mean forget and retain gradients cancel, −cos(g_f,S, g_r,S): a group that learned "
+                     "both sits where they do; higher is better")
+def cancel(mean_forget: Tensor, mean_retain: Tensor) -> dict[str, float]:
+    """−cos(g_f,S, g_r,S): finetuning to a stationary point of the summed loss leaves g_f,S ≈ −c g_r,S
+    exactly on the groups that learned both splits, while a group that learned only the retain
+    rows (g_r,S ≈ 0) points anywhere. NaN (ranked last) when either gradient is 0."""
+    f, r = _flat(mean_forget), _flat(mean_retain)
+    nf, nr = float(f.norm()), float(r.norm())
+    cos = float(f @ r) / (nf * nr) if nf > 0 and nr > 0 else math.nan
+    return {"score": -cos, "cos": cos, "forget_norm": nf, "retain_norm": nr}
+
+
+@register_score("soir-slope", lower_is_better=True, needs=("mean_forget", "mean_retain"), columns=("a", "b"),
+                help="retain damage per nat forgotten by the first step along g_f,S (soir's Δ → 0 limit): "
+                     "g_r,Sᵀg_f,S / |g_f,S|²; lower is better")
+def soir_slope(mean_forget: Tensor, mean_retain: Tensor) -> dict[str, float]:
+    """b / a: the slope dR/dF of soir's Taylor model at the start, which `soir` tends to as Δ → 0.
+
+    At a stationary point of the summed finetuning loss, n_f g_f,S + n_r g_r,S ≈ 0 on the groups
+    that learned both splits, so b / a ≈ −n_f / n_r there, and ≈ 0 on groups that never saw the
+    forget rows. Invariant to rescaling the group; NaN (ranked last) when g_f,S = 0.
+    """
+    f, r = _flat(mean_forget), _flat(mean_retain)
+    a, b = float(f @ f), float(r @ f)
+    return {"score": b / a if a > 0 else math.nan, "a": a, "b": b}
+
+
+@register_score("revert", lower_is_better=False, needs=("revert",), sketchable=False, columns=("forget_rise", "retain_rise"),
+                help="the forget loss that reverting the group to the base model (--base) brings back, less the retain "
+                     "loss it costs, in nats; higher is better")
+def revert(revert: Tensor) -> dict[str, float]:
+    """f − r: forget-loss rise less retain-loss rise when the group is reset to θ_base (measured).
+
+    A group that holds what finetuning taught about the forget rows gives back more forget loss
+    than retain loss; one that holds shared skills (format, language) gives back both alike.
+    """
+    forget_rise, retain_rise = (float(x) for x in revert)
+    return {"score": forget_rise - retain_rise, "forget_rise": forget_rise, "retain_rise": retain_rise}
 
 
 register_score("soir-datainf", lower_is_better=False, needs=("per_example_retain", "mean_forget"),

@@ -191,7 +191,7 @@ def test_baselines_on_hand_made_gradients():
 
 
 def test_score_registry():
-    assert set(SCORES) == {"soir", "soir-line", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random"}
+    assert set(SCORES) == {"soir", "soir-line", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random", "soir-slope", "cancel", "revert"}
     assert SCORES["soir"].lower_is_better and SCORES["soir-line"].lower_is_better and not SCORES["soir-datainf"].lower_is_better
     reached = SCORES["soir-line"].fn(line=torch.tensor([3.0, 0.99, 0.25], dtype=torch.float64))  # η, measured gain, measured damage
     assert reached == {"score": 0.25, "eta": 3.0, "forget_gain": 0.99, "retain_damage": 0.25}
