@@ -38,6 +38,8 @@ SUMMARY = (
     ("retain knowledge", "retain/knowledge"),
     ("forget accuracy (teacher-forced)", "forget/accuracy"),
     ("retain accuracy (teacher-forced)", "retain/accuracy"),
+    ("forget exact memorization", "forget/exact_memorization"),
+    ("forget extraction strength", "forget/extraction_strength"),
     ("task aggregate", "task_aggregate"),
     ("MIA AUC", "mia_auc"),
     ("MIA score", "mia_score"),
@@ -72,7 +74,7 @@ def summary_lines(metrics: dict) -> list[str]:
 
 
 def evaluate_arguments(p) -> None:
-    from analysis.metrics import MIA_ATTACKS, MIA_SCOPES
+    from analysis.metrics import ALL_MIA_ATTACKS, MIA_SCOPES
     from analysis.mmlu import MMLUSettings
 
     add_model(p)
@@ -80,7 +82,10 @@ def evaluate_arguments(p) -> None:
     p.add_argument("--retain", required=True, metavar="FILE", help="the retain split")
     p.add_argument("--holdout", metavar="FILE", help="non-members for membership inference; MIA runs when it is given")
     p.add_argument("--mia", action=argparse.BooleanOptionalAction, default=None, help="membership inference (default: on when --holdout is given; --mia without --holdout is an error)")
-    p.add_argument("--mia-attack", metavar="NAME", help=f"the attack whose score enters the final score: {', '.join(MIA_ATTACKS)} (default: loss; all are reported)")
+    p.add_argument("--mia-attack", metavar="NAME", help=f"the attack whose score enters the final score: {', '.join(ALL_MIA_ATTACKS)} (default: loss; all that run are reported)")
+    p.add_argument("--reference-model", metavar="DIR", help="a reference model (same tokenizer; e.g. the retain-only oracle or the base) for the reference MIA: the row's loss minus the reference's (default: that attack is skipped)")
+    p.add_argument("--mia-gradnorm", action=argparse.BooleanOptionalAction, default=None, help="the gradient-norm MIA: the norm of the gradient of each forget and holdout row's loss w.r.t. every parameter, one backward per row (default: on with MIA)")
+    p.add_argument("--gradnorm-p", type=float, choices=(1.0, 2.0, float("inf")), metavar="P", help="the p of the gradient-norm MIA's p-norm: 1, 2 or inf (default: 2)")
     p.add_argument("--mia-scope", choices=MIA_SCOPES, help="tokens membership inference scores: answer (the answer and EOS after the prompt) or document (every token of prompt + answer, as SemEval computes MIA) (default: answer)")
     p.add_argument("--min-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default: 0.4)")
     p.add_argument("--mmlu", metavar="FILE", help="a local MMLU-layout file (question, choices, answer index; or A-D columns), e.g. the testbed's general_mc.parquet")
@@ -99,8 +104,9 @@ def evaluate_arguments(p) -> None:
 
 def evaluate(args) -> int:
     """Evaluate a model on --forget and --retain: greedy generation (ROUGE-L recall on completion rows,
-    exact match on QA rows), teacher-forced answer probability and accuracy, TOFU truth ratio;
-    membership inference (LOSS, zlib, Min-K%, Min-K%++ AUC) with --holdout as non-members, on the
+    exact match on QA rows), teacher-forced answer probability and accuracy, exact memorization and
+    extraction strength, TOFU truth ratio; membership inference (LOSS, zlib, Min-K%, Min-K%++,
+    gradient-norm AUC, and the loss against --reference-model) with --holdout as non-members, on the
     answer tokens or (--mia-scope document, as SemEval) on the whole prompt + answer; MMLU-style
     accuracy with --mmlu, by option likelihood (--mmlu-mode loglik, the default) or as the SemEval
     scorer runs it (--mmlu-mode kshot: open-instruct's 5-shot prompt, argmax over the answer
@@ -115,19 +121,26 @@ def evaluate(args) -> int:
     )
     from analysis.evaluate import evaluate as run_evaluate
     from analysis.generation import GenerationSettings
-    from analysis.metrics import MIA_ATTACKS, ScoreSettings
+    from analysis.metrics import ALL_MIA_ATTACKS, ScoreSettings
     from analysis.mmlu import MMLUSettings, read_mmlu, split_dev
     from soir.distributed import is_main
     from soir.models import check_model_dir
 
     out = Path(args.out)
     check_out_dir(out, overwrite=True)  # writes named files only: any directory will do
-    mia_asked = args.mia is True or args.mia_attack is not None or args.mia_scope is not None
+    mia_flags = {"--mia": args.mia is True, "--mia-attack": args.mia_attack is not None, "--mia-scope": args.mia_scope is not None,
+                 "--reference-model": args.reference_model is not None, "--mia-gradnorm": args.mia_gradnorm is True,
+                 "--gradnorm-p": args.gradnorm_p is not None}
+    mia_asked = [flag for flag, given in mia_flags.items() if given]
     if mia_asked and args.holdout is None:
-        raise UserError("membership inference needs non-members: give --holdout FILE (a split the model never saw), or drop --mia/--mia-attack/--mia-scope")
+        raise UserError(f"membership inference needs non-members: give --holdout FILE (a split the model never saw), or drop {'/'.join(mia_asked)}")
+    if mia_asked and args.mia is False:
+        raise UserError(f"{mia_asked[0]} is for membership inference, which --no-mia turns off: drop one of them")
     mia = args.holdout is not None and args.mia is not False
-    if args.mia_attack is not None and args.mia_attack not in MIA_ATTACKS:
-        raise UserError(f"unknown --mia-attack {args.mia_attack!r}: use one of {', '.join(MIA_ATTACKS)}")
+    if args.mia_attack is not None and args.mia_attack not in ALL_MIA_ATTACKS:
+        raise UserError(f"unknown --mia-attack {args.mia_attack!r}: use one of {', '.join(ALL_MIA_ATTACKS)}")
+    if args.mia_attack == "reference" and args.reference_model is None:
+        raise UserError("--mia-attack reference needs a reference model: give --reference-model DIR")
     for flag in ("max_new_tokens", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -174,26 +187,34 @@ def evaluate(args) -> int:
             raise UserError(f"forget quality (--oracle) needs a forget split with a 'perturbed_outputs' column (TOFU-style rows); {args.forget} has none")
     spec = model_settings(args)
     spec.check()
+    reference_spec = replace(spec, model=args.reference_model) if args.reference_model else None
+    if reference_spec is not None:
+        reference_spec.check()
 
     progress = not args.no_progress
     generation = GenerationSettings(progress=progress, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v is not None})
-    scoring = ScoreSettings(max_length=args.max_length, min_k=args.min_k, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    scoring = ScoreSettings(max_length=args.max_length, min_k=args.min_k, progress=progress, **({"batch_size": args.batch_size} if args.batch_size else {}),
+                            **({"gradnorm_p": args.gradnorm_p} if args.gradnorm_p is not None else {}))
     mmlu_settings = MMLUSettings(mode=mode, prompt=mmlu_prompt, progress=progress, **{k: v for k, v in (("shots", args.mmlu_shots), ("batch_size", args.batch_size)) if v is not None})
     if mmlu is not None:
         split_dev(mmlu, mmlu_dev)  # a file of dev rows only fails here, before the model is loaded
     settings = EvalSettings(
         template=data.template, generation=generation, scoring=scoring, mmlu=mmlu_settings,
-        generate=not args.no_generate, mia=mia, mia_attack=args.mia_attack or "loss", mia_scope=args.mia_scope or "answer", progress=progress,
+        generate=not args.no_generate, mia=mia, mia_attack=args.mia_attack or "loss", mia_gradnorm=args.mia_gradnorm is not False,
+        mia_scope=args.mia_scope or "answer", progress=progress,
     )
 
     tokenizer = spec.load_tokenizer()
     model = spec.load(tokenizer, seed=args.seed)
     if args.oracle and oracle is None:
         oracle = replace(spec, model=args.oracle).load(tokenizer)
-    metrics, per_example = run_evaluate(model, tokenizer, splits, holdout=holdout, mmlu=mmlu, oracle=oracle, settings=settings, mmlu_dev=mmlu_dev)
+    reference = reference_spec.load(tokenizer, seed=args.seed) if reference_spec is not None else None
+    metrics, per_example = run_evaluate(model, tokenizer, splits, holdout=holdout, mmlu=mmlu, oracle=oracle, settings=settings, mmlu_dev=mmlu_dev,
+                                        reference=reference)
     metrics["inputs"] = {
         "model": args.model, "tokenizer": spec.tokenizer_dir, "forget": args.forget, "retain": args.retain,
-        "holdout": args.holdout, "mmlu": args.mmlu, "mmlu_dev": args.mmlu_dev, "oracle": args.oracle, "seed": args.seed,
+        "holdout": args.holdout, "mmlu": args.mmlu, "mmlu_dev": args.mmlu_dev, "oracle": args.oracle, "reference_model": args.reference_model,
+        "seed": args.seed,
         "columns": columns or None, "semeval_out": args.semeval_out,
     }
     if not is_main():  # under torchrun every process holds the whole evaluation; one writes it

@@ -9,19 +9,29 @@ Per row of every split:
   (`analysis.metrics.TEXT_METRICS`: `rouge_l_recall`, `exact_match`, …) against `output`. Rows are classified by `soir.data.row_kind`: `qa` ids (`…qa0`-`…qa4`)
   count towards knowledge (exact match), every other row (`…sc1`, or no SemEval id, scored
   as a completion) towards regurgitation (ROUGE-L recall);
-- one teacher-forced pass -> `loss`, `probability`, `accuracy` and the MIA scores `zlib`,
-  `min_k`, `min_k_pp` (see `analysis.metrics.sequence_scores` for the tokens scored);
+- one teacher-forced pass -> `loss`, `probability`, `accuracy`, every registered token metric
+  (`analysis.metrics.TOKEN_METRICS`: `exact_memorization`, `extraction_strength`, over the
+  argmax predictions of the answer tokens) and the MIA scores `zlib`, `min_k`, `min_k_pp` (see
+  `analysis.metrics.sequence_scores` for the tokens scored);
 - with `paraphrased_input`: generation from it -> `paraphrased_<metric>` of every text metric;
 - with `perturbed_outputs` (a list): TOFU `truth_ratio` of the perturbed answers against
   `paraphrased_output` (or `output` where that is missing), and `truth_ratio_score`
   (min(R, 1/R) on the forget split, max(0, 1 - R) elsewhere).
 Holdout rows (non-members for MIA) get the teacher-forced scores only.
 
+The forget and holdout rows (those membership inference scores) also get `gradnorm` (the
+p-norm of the gradient of the row's loss w.r.t. every parameter: one backward per row;
+`mia_gradnorm=False` skips it) and, given a reference model (`reference=`, `soir evaluate
+--reference-model`), `loss_minus_reference` (the row's loss minus the reference's): the
+OpenUnlearning attacks `mia_gradnorm` and `mia_reference`, reported as `mia/gradnorm/…` and
+`mia/reference/…`; a skipped one is named in `mia/<attack>/skipped` with the reason.
+
 Membership inference scores either the answer (`mia_scope="answer"`: the per-example `loss`,
 `zlib`, `min_k`, `min_k_pp` above) or the whole document (`"document"`, as SemEval computes it:
 one more teacher-forced pass over every token of `template.prompt(input) + output`, reported in
-extra per-example columns `document_loss`, `document_zlib`, `document_min_k`, `document_min_k_pp`
-on the forget and holdout rows). `semeval_tables` / `write_semeval` give the forget and retain
+extra per-example columns `document_loss`, `document_zlib`, `document_min_k`, `document_min_k_pp`,
+and `document_gradnorm`, `document_loss_minus_reference` where those run, on the forget and
+holdout rows). `semeval_tables` / `write_semeval` give the forget and retain
 generations in the layout the official SemEval scorer reads (`forget_0.csv`, `retain_0.csv`).
 """
 
@@ -37,9 +47,12 @@ import pandas as pd
 
 from analysis.generation import GenerationSettings, generate
 from analysis.metrics import (
+    ALL_MIA_ATTACKS,
+    EXTRA_MIA_ATTACKS,
     MIA_ATTACKS,
     MIA_SCOPES,
     TEXT_METRICS,
+    TOKEN_METRICS,
     ScoreSettings,
     final_score,
     forget_quality,
@@ -60,9 +73,10 @@ from soir.io import atomic_path, write_json, write_parquet
 
 ALL_TASKS = "all"
 HOLDOUT = "holdout"
-PER_EXAMPLE_COLUMNS = (  # the built-in columns; registered text metrics beyond these are appended
+PER_EXAMPLE_COLUMNS = (  # the built-in columns; registered text and token metrics beyond these are appended
     "id", "split", "task", "kind", "generation", "rouge_l_recall", "exact_match",
     "probability", "accuracy", "loss", "n_tokens", "zlib", "min_k", "min_k_pp",
+    "exact_memorization", "extraction_strength", "gradnorm", "loss_minus_reference",
     "truth_ratio", "truth_ratio_score", "paraphrased_generation", "paraphrased_exact_match",
     "paraphrased_rouge_l_recall", "mc_correct",
 )
@@ -72,9 +86,9 @@ SEMEVAL_COLUMNS = ("id", "task", "input", "expected_output", "model_output")  # 
 
 def per_example_columns() -> list[str]:
     """The columns of `per_example.parquet`: the built-in ones, then one (and its paraphrased
-    twin) per registered text metric that is not built in."""
+    twin) per registered text metric and one per registered token metric that is not built in."""
     extra = [c for name in TEXT_METRICS if name not in PER_EXAMPLE_COLUMNS for c in (name, f"paraphrased_{name}")]
-    return list(PER_EXAMPLE_COLUMNS) + extra
+    return list(PER_EXAMPLE_COLUMNS) + extra + [name for name in TOKEN_METRICS if name not in PER_EXAMPLE_COLUMNS]
 
 
 def _text_scores(texts, references) -> dict[str, list[float]]:
@@ -88,9 +102,11 @@ class EvalSettings:
     template: the prompt template (`soir.data.Template`). generate: run greedy generation
     (False: teacher-forced metrics only). mia: membership inference, forget split = members,
     holdout = non-members (needs a holdout). mia_attack: the attack whose score enters the
-    final score (all of `MIA_ATTACKS` are reported). mia_scope: the tokens membership inference
-    scores. "answer" (the default): the labelled tokens of the data contract, the answer and its
-    EOS after the prompt as context, so the LOSS attack is the per-example loss. "document": as
+    final score (all of `MIA_ATTACKS` are reported, and those of `EXTRA_MIA_ATTACKS` that run).
+    mia_gradnorm: the gradient-norm attack (one backward per forget and holdout row).
+    mia_scope: the tokens membership inference scores. "answer" (the default): the labelled
+    tokens of the data contract, the answer and its EOS after the prompt as context, so the
+    LOSS attack is the per-example loss (and gradnorm its gradient's norm). "document": as
     SemEval-2025 Task 4 computes MIA, the row's full text `template.prompt(input) + output`
     tokenized in one piece (with the tokenizer's special tokens, no EOS appended) is the
     document, and LOSS, zlib, Min-K% and Min-K%++ use every token after the first (zlib
@@ -107,6 +123,7 @@ class EvalSettings:
     generate: bool = True
     mia: bool = True
     mia_attack: str = "loss"
+    mia_gradnorm: bool = True
     mia_scope: str = "answer"
     truth_ratio_mean: str = "geometric"
     forget_split: str = "forget"
@@ -114,8 +131,10 @@ class EvalSettings:
     progress: bool = True
 
     def __post_init__(self):
-        if self.mia_attack not in MIA_ATTACKS:
-            raise UserError(f"unknown MIA attack {self.mia_attack!r}: use one of {', '.join(MIA_ATTACKS)}")
+        if self.mia_attack not in ALL_MIA_ATTACKS:
+            raise UserError(f"unknown MIA attack {self.mia_attack!r}: use one of {', '.join(ALL_MIA_ATTACKS)}")
+        if self.mia_attack == "gradnorm" and not self.mia_gradnorm:
+            raise UserError("the final score's MIA attack is gradnorm, which is turned off: drop --no-mia-gradnorm or pick another --mia-attack")
         if self.mia_scope not in MIA_SCOPES:
             raise UserError(f"unknown MIA scope {self.mia_scope!r}: use one of {', '.join(MIA_SCOPES)}")
         if self.truth_ratio_mean not in ("geometric", "arithmetic"):
@@ -178,19 +197,21 @@ def truth_ratios(model, tokenizer, frame: pd.DataFrame, *, template: Template, s
     return ratios
 
 
-def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, *, generate_text: bool = True) -> pd.DataFrame:
-    """Per-example metrics of one split (see the module docstring for the columns). Under torchrun
-    each process scores every world-size-th row and every process gets the whole table."""
+def score_split(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, *, generate_text: bool = True,
+                reference=None) -> pd.DataFrame:
+    """Per-example metrics of one split (see the module docstring for the columns; `reference`: the
+    reference model of the reference MIA). Under torchrun each process scores every
+    world-size-th row and every process gets the whole table."""
     _check_split(name, frame)
     frame = frame.reset_index(drop=True)
     if "id" not in frame.columns:
         frame = frame.assign(id=[f"{name}-{i}" for i in range(len(frame))])
     if len(frame) < world_size():  # too few rows to share: every process scores them all
-        return _score_rows(model, tokenizer, name, frame, settings, generate_text)
-    return gather_frame(_score_rows(model, tokenizer, name, shard_frame(frame), settings, generate_text), len(frame))
+        return _score_rows(model, tokenizer, name, frame, settings, generate_text, reference)
+    return gather_frame(_score_rows(model, tokenizer, name, shard_frame(frame), settings, generate_text, reference), len(frame))
 
 
-def _score_rows(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, generate_text: bool) -> pd.DataFrame:
+def _score_rows(model, tokenizer, name: str, frame: pd.DataFrame, settings: EvalSettings, generate_text: bool, reference) -> pd.DataFrame:
     template = Template(settings.template)
     generation, scoring = _progress(settings)
     ids = frame["id"].astype(str).tolist()
@@ -220,7 +241,9 @@ def _score_rows(model, tokenizer, name: str, frame: pd.DataFrame, settings: Eval
                 for metric, values in _text_scores(texts, [references[i] for i in rows]).items():
                     out.loc[rows, f"paraphrased_{metric}"] = values
 
-    scores = sequence_scores(model, tokenizer, inputs, references, template=template, settings=scoring, desc=f"score {name}")
+    mia_rows = settings.mia and settings.mia_scope == "answer" and name in (settings.forget_split, HOLDOUT)
+    scores = sequence_scores(model, tokenizer, inputs, references, template=template, settings=scoring, desc=f"score {name}",
+                             gradnorm=mia_rows and settings.mia_gradnorm, reference=reference if mia_rows else None)
     for column in scores.columns:
         out[column] = scores[column].to_numpy()
 
@@ -290,7 +313,7 @@ def split_aggregates(per_example: pd.DataFrame, name: str) -> dict[str, float]:
         f"{name}/knowledge": _mean(qa["exact_match"]),
     }
     metric_columns = [c for name in TEXT_METRICS for c in (name, f"paraphrased_{name}")]
-    for column in [*metric_columns, "probability", "loss", "truth_ratio", "truth_ratio_score"]:
+    for column in [*metric_columns, *TOKEN_METRICS, "probability", "loss", "truth_ratio", "truth_ratio_score"]:
         result[f"{name}/{column}"] = _mean(rows[column])
     result[f"{name}/accuracy"] = pooled_accuracy(rows)
     for task in sorted(rows["task"].unique()):
@@ -343,15 +366,18 @@ def evaluate(
     oracle=None,
     settings: EvalSettings = EvalSettings(),
     mmlu_dev: pd.DataFrame | str | Path | None = None,
+    reference=None,
 ) -> tuple[dict, pd.DataFrame]:
     """Evaluate `model` on `splits` (name -> table with input/output); return (metrics, per-example table).
 
     holdout: non-member rows for MIA (required when `settings.mia`). mmlu: a local MMLU-layout
     file or a table from `analysis.mmlu.read_mmlu`; mmlu_dev: more few-shot rows for
     `settings.mmlu.mode == "kshot"` (MMLU's dev split). oracle: for TOFU forget quality, a
-    retain-only model, its per-example table, or its forget truth ratios.
+    retain-only model, its per-example table, or its forget truth ratios. reference: a model
+    (same tokenizer) for the reference MIA, e.g. the retain-only oracle or the base; without
+    one that attack is skipped (`mia/reference/skipped`).
     Metrics: `{split}/…` means, `{split}/{task}/regurgitation|knowledge`, `task_aggregate`,
-    `mia/{attack}/auc|score`, `mia_score`, `mmlu/accuracy…`, `forget_quality`,
+    `mia/{attack}/auc|score` (or `mia/{attack}/skipped`), `mia_score`, `mmlu/accuracy…`, `forget_quality`,
     `model_utility`, `final_score` (+ `final_score_components`), and `settings`.
     """
     if not splits:
@@ -365,13 +391,17 @@ def evaluate(
             raise UserError("membership inference needs a holdout split of non-members (--holdout FILE), or turn MIA off (--no-mia)")
         if settings.forget_split not in splits:
             raise UserError(f"membership inference needs a {settings.forget_split!r} split (the members); got splits: {', '.join(splits)}")
+        if settings.mia_attack == "reference" and reference is None:
+            raise UserError("the final score's MIA attack is reference, which needs a reference model: give --reference-model PATH or pick another --mia-attack")
+    elif reference is not None:
+        raise UserError("a reference model is for membership inference: give a holdout (--holdout FILE) or drop the reference model")
 
     if oracle is not None and ("perturbed_outputs" not in splits.get(settings.forget_split, pd.DataFrame()).columns):
         raise UserError(f"forget quality needs a {settings.forget_split!r} split with a 'perturbed_outputs' column (TOFU-style rows)")
 
-    frames = [score_split(model, tokenizer, name, frame, settings) for name, frame in splits.items()]
+    frames = [score_split(model, tokenizer, name, frame, settings, reference=reference) for name, frame in splits.items()]
     if holdout is not None and HOLDOUT not in splits:
-        frames.append(score_split(model, tokenizer, HOLDOUT, holdout, settings, generate_text=False))
+        frames.append(score_split(model, tokenizer, HOLDOUT, holdout, settings, generate_text=False, reference=reference))
     per_example = pd.concat(frames, ignore_index=True)
 
     metrics: dict = {}
@@ -385,15 +415,22 @@ def evaluate(
         members = per_example[per_example["split"] == settings.forget_split]
         nonmembers = per_example[per_example["split"] == HOLDOUT]
         if settings.mia_scope == "document":
-            members, nonmembers = (document_scores(model, tokenizer, frame, settings, name) for name, frame in
+            members, nonmembers = (document_scores(model, tokenizer, frame, settings, name, reference=reference) for name, frame in
                                    ((settings.forget_split, splits[settings.forget_split]), (HOLDOUT, holdout)))
-            for column in DOCUMENT_COLUMNS:
+            extra = [attack.column for attack in EXTRA_MIA_ATTACKS.values() if attack.column in members.columns]
+            for column in [*DOCUMENT_COLUMNS, *extra]:
                 per_example[f"document_{column}"] = np.nan
                 for name, scores in ((settings.forget_split, members), (HOLDOUT, nonmembers)):
                     per_example.loc[per_example["split"] == name, f"document_{column}"] = scores[column].to_numpy()
-        for attack, result in mia_results(members, nonmembers).items():
+        skipped = {"gradnorm": None if settings.mia_gradnorm else "turned off (mia_gradnorm=False, --no-mia-gradnorm)",
+                   "reference": None if reference is not None else "no reference model given (--reference-model PATH)"}
+        attacks = [*MIA_ATTACKS, *(attack for attack, reason in skipped.items() if reason is None)]
+        for attack, result in mia_results(members, nonmembers, attacks).items():
             metrics[f"mia/{attack}/auc"] = result["auc"]
             metrics[f"mia/{attack}/score"] = result["score"]
+        for attack, reason in skipped.items():
+            if reason is not None:
+                metrics[f"mia/{attack}/skipped"] = reason
         mia_value = metrics[f"mia/{settings.mia_attack}/score"]
         metrics["mia_auc"] = metrics[f"mia/{settings.mia_attack}/auc"]
         metrics["mia_score"] = mia_value
@@ -433,11 +470,19 @@ def evaluate(
     return _json_ready(metrics), per_example
 
 
-def document_scores(model, tokenizer, frame: pd.DataFrame, settings: EvalSettings, name: str = "split") -> pd.DataFrame:
-    """Document-scope likelihood scores of each row of `frame` (`sequence_scores(scope="document")`)."""
+def document_scores(model, tokenizer, frame: pd.DataFrame, settings: EvalSettings, name: str = "split", *, reference=None) -> pd.DataFrame:
+    """Document-scope likelihood scores of each row of `frame` (`sequence_scores(scope="document")`),
+    with the gradient norm when `settings.mia_gradnorm` and the loss against `reference` when
+    given. Under torchrun each process scores every world-size-th row, as `score_split`."""
     _check_split(name, frame)
-    return sequence_scores(model, tokenizer, frame["input"].astype(str).tolist(), frame["output"].astype(str).tolist(),
-                           template=Template(settings.template), settings=_progress(settings)[1], scope="document", desc=f"document {name}")
+
+    def score(rows: pd.DataFrame) -> pd.DataFrame:
+        return sequence_scores(model, tokenizer, rows["input"].astype(str).tolist(), rows["output"].astype(str).tolist(),
+                               template=Template(settings.template), settings=_progress(settings)[1], scope="document", desc=f"document {name}",
+                               gradnorm=settings.mia_gradnorm, reference=reference)
+
+    frame = frame.reset_index(drop=True)
+    return score(frame) if len(frame) < world_size() else gather_frame(score(shard_frame(frame)), len(frame))
 
 
 def semeval_tables(splits: Mapping[str, pd.DataFrame], per_example: pd.DataFrame, settings: EvalSettings = EvalSettings()) -> dict[str, pd.DataFrame]:

@@ -1,9 +1,12 @@
 """Evaluation metrics (docs/design.md §8): SemEval-2025 Task 4, membership inference and TOFU-style.
 
 Pure functions on strings and numbers (ROUGE-L recall, exact match, AUC, harmonic-mean
-aggregates, truth ratio, forget quality, model utility), plus `sequence_scores`, which gets
+aggregates, truth ratio, forget quality, model utility), token metrics of the teacher-forced
+predictions (exact memorization, extraction strength), plus `sequence_scores`, which gets
 every likelihood-based per-example number from one forward pass per batch: answer loss,
-answer probability, teacher-forced token accuracy and the membership-inference scores.
+answer probability, teacher-forced token accuracy, the token metrics and the
+membership-inference scores (and, when asked, the two that need more than that pass: the
+gradient norm, one backward per example, and the loss against a reference model).
 
 Which tokens are scored (`sequence_scores(scope=...)`): with `scope="answer"` (the default)
 the answer tokens plus the one EOS that `soir.data.encode` labels (the prompt is context
@@ -15,6 +18,7 @@ SemEval-2025 Task 4 computes membership inference, the document is the row's ful
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -66,6 +70,63 @@ def exact_match(prediction: str, reference: str) -> float:
 TEXT_METRICS: Registry[Callable[[str, str], float]] = Registry("metric")
 TEXT_METRICS.register("rouge_l_recall", rouge_l_recall, help="ROUGE-L recall against the reference (SemEval regurgitation)")
 TEXT_METRICS.register("exact_match", exact_match, help="stripped, lower-cased equality (SemEval knowledge)")
+
+
+# ---------------------------------------------------------------- token metrics (teacher-forced)
+
+
+def exact_memorization(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of answer tokens whose teacher-forced argmax prediction is the label (Tirumala et al. 2022).
+
+    OpenUnlearning's `exact_memorization`: `predictions[t]` is the argmax of the model's
+    next-token distribution given the prompt and the true answer tokens before t. NaN for an
+    answer of no tokens.
+    """
+    if labels.numel() == 0:
+        return float("nan")
+    return float((predictions == labels).double().mean())
+
+
+def extraction_strength(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """1 - k/L: k the shortest answer prefix after which the teacher-forced argmax predictions
+    reproduce the rest of the answer exactly, L the answer's length (Carlini et al. 2021).
+
+    As OpenUnlearning's `extraction_strength` it is teacher-forced (the argmax at each position
+    given the true prefix, not a free generation), so it equals the length of the longest
+    correctly predicted answer suffix over L. k runs over 0..L, so an answer whose last token is
+    mispredicted scores 0; OpenUnlearning's loop stops at k = L - 1 and gives such an answer
+    1/L. NaN for an answer of no tokens.
+    """
+    count = labels.numel()
+    if count == 0:
+        return float("nan")
+    wrong = (predictions != labels).nonzero()
+    prefix = int(wrong[-1]) + 1 if len(wrong) else 0
+    return 1.0 - prefix / count
+
+
+# Per-example metrics of the teacher-forced argmax predictions of an answer's tokens against
+# those tokens (the labelled tokens without the trailing EOS, as OpenUnlearning scores them),
+# registered by name: `sequence_scores` computes each as a column NAME, and `soir evaluate`
+# reports the split means as `SPLIT/NAME`.
+TOKEN_METRICS: Registry[Callable[[torch.Tensor, torch.Tensor], float]] = Registry("token metric")
+TOKEN_METRICS.register("exact_memorization", exact_memorization, help="share of answer tokens the teacher-forced argmax reproduces (OpenUnlearning)")
+TOKEN_METRICS.register("extraction_strength", extraction_strength, help="share of the answer's end the teacher-forced argmax reproduces without error (OpenUnlearning)")
+
+
+def answer_predictions(logits: torch.Tensor, labels: torch.Tensor, eos_id: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example: (teacher-forced argmax predictions, labels) of its labelled tokens, on the CPU,
+    without a trailing `eos_id` (the EOS `soir.data.encode` appends is not part of the answer)."""
+    predictions = logits[:, :-1].argmax(-1).cpu()
+    shift_labels = labels[:, 1:].cpu()
+    pairs = []
+    for row_predictions, row_labels in zip(predictions, shift_labels):
+        mask = row_labels != IGNORE_INDEX
+        row_predictions, row_labels = row_predictions[mask], row_labels[mask]
+        if eos_id is not None and row_labels.numel() and int(row_labels[-1]) == eos_id:
+            row_predictions, row_labels = row_predictions[:-1], row_labels[:-1]
+        pairs.append((row_predictions, row_labels))
+    return pairs
 
 
 # ---------------------------------------------------------------- membership inference
@@ -124,13 +185,22 @@ MIA_ATTACKS: dict[str, MIAAttack] = {
     "min_k": MIAAttack("min_k", True, "mean of the lowest k fraction of answer-token log-probs (Shi et al.)"),
     "min_k_pp": MIAAttack("min_k_pp", True, "Min-K% over log-probs standardised by the model's own mean/std over the vocabulary (Zhang et al.)"),
 }
+# The attacks that need more than the one scoring pass (`sequence_scores(gradnorm=True,
+# reference=...)`): a backward per example, or a second model. Their sign convention is
+# OpenUnlearning's (as LOSS: a higher score means less likely a member).
+EXTRA_MIA_ATTACKS: dict[str, MIAAttack] = {
+    "gradnorm": MIAAttack("gradnorm", False, "p-norm of the gradient of the example's loss w.r.t. every model parameter (OpenUnlearning mia_gradnorm)"),
+    "reference": MIAAttack("loss_minus_reference", False, "the example's loss minus a reference model's loss on the same tokens (OpenUnlearning mia_reference)"),
+}
+ALL_MIA_ATTACKS: dict[str, MIAAttack] = {**MIA_ATTACKS, **EXTRA_MIA_ATTACKS}
+GRADNORM_ORDERS = (1.0, 2.0, math.inf)  # the p of the gradient-norm attack (OpenUnlearning's choices)
 
 
 def mia_results(member: pd.DataFrame, nonmember: pd.DataFrame, attacks: Iterable[str] = tuple(MIA_ATTACKS)) -> dict[str, dict[str, float]]:
-    """AUC and SemEval MIA score of each named attack, from per-example score tables."""
+    """AUC and SemEval MIA score of each named attack (of `ALL_MIA_ATTACKS`), from per-example score tables."""
     results = {}
     for name in attacks:
-        attack = MIA_ATTACKS[name]
+        attack = ALL_MIA_ATTACKS[name]
         value = auc(member[attack.column], nonmember[attack.column], higher_is_member=attack.higher_is_member)
         results[name] = {"auc": value, "score": mia_score(value)}
     return results
@@ -144,16 +214,22 @@ class ScoreSettings:
     """Settings of likelihood scoring.
 
     batch_size: rows per forward pass. max_length: tokens per row (prompt truncated from the
-    left, as in `soir.data.encode`). min_k: the k of Min-K% and Min-K%++. progress: tqdm bar.
+    left, as in `soir.data.encode`). min_k: the k of Min-K% and Min-K%++. gradnorm_p: the p of
+    the gradient-norm attack's p-norm (1, 2 or inf). progress: tqdm bar.
     """
 
     batch_size: int = 8
     max_length: int = 256
     min_k: float = 0.4
+    gradnorm_p: float = 2.0
     progress: bool = True
 
+    def __post_init__(self):
+        if float(self.gradnorm_p) not in GRADNORM_ORDERS:
+            raise UserError(f"the gradient-norm p must be 1, 2 or inf, got {self.gradnorm_p}")
 
-SCORE_COLUMNS = ("loss", "probability", "accuracy", "n_tokens", "zlib", "min_k", "min_k_pp")
+
+SCORE_COLUMNS = ("loss", "probability", "accuracy", "n_tokens", "zlib", "min_k", "min_k_pp")  # then one per TOKEN_METRICS entry
 MIA_SCOPES = ("answer", "document")  # the tokens `sequence_scores` scores (module docstring)
 
 
@@ -176,6 +252,8 @@ def sequence_scores(
     settings: ScoreSettings = ScoreSettings(),
     desc: str = "score",
     scope: str = "answer",
+    gradnorm: bool = False,
+    reference=None,
 ) -> pd.DataFrame:
     """Per-example likelihood scores of `output` given `template.prompt(input)`, one row per pair.
 
@@ -188,32 +266,29 @@ def sequence_scores(
     `soir.data.answer_hits`), n_tokens, zlib (loss / len(zlib.compress(output bytes))),
     min_k (mean of the lowest k fraction of token log-probs) and min_k_pp (the same over
     (log p(x_t) - mu_t) / sigma_t, mu_t and sigma_t the mean and standard deviation of
-    log p(.) under the model's own next-token distribution at position t).
+    log p(.) under the model's own next-token distribution at position t), then one column per
+    `TOKEN_METRICS` entry (exact_memorization, extraction_strength: over the labelled tokens
+    without the trailing EOS, `answer_predictions`). With `gradnorm`: gradnorm (the
+    `settings.gradnorm_p`-norm of the gradient of loss w.r.t. every parameter,
+    `gradient_norms`); with a `reference` model: loss_minus_reference (loss minus the
+    reference's loss on the same tokens).
     """
     inputs, outputs = [str(x) for x in inputs], [str(x) for x in outputs]
+    names = [*SCORE_COLUMNS, *TOKEN_METRICS, *(["gradnorm"] if gradnorm else []), *(["loss_minus_reference"] if reference is not None else [])]
     if len(inputs) != len(outputs):
         raise ValueError("inputs and outputs differ in length")
     if not inputs:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in SCORE_COLUMNS})
-    if scope not in MIA_SCOPES:
-        raise UserError(f"unknown scoring scope {scope!r}: use one of {', '.join(MIA_SCOPES)}")
-    if scope == "document":
-        texts = [template.prompt(i) + o for i, o in zip(inputs, outputs)]
-        input_ids, label_ids = document_tokens(tokenizer, texts, settings.max_length)
-    else:
-        texts = outputs
-        frame = pd.DataFrame({"id": [str(i) for i in range(len(inputs))], "input": inputs, "output": outputs})
-        data = encode(frame, tokenizer, template, settings.max_length)
-        input_ids, label_ids = data.input_ids, data.labels
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in names})
+    input_ids, label_ids, texts = scored_tokens(tokenizer, inputs, outputs, template=template, max_length=settings.max_length, scope=scope)
     device = device_of(model)
     pad = pad_id(tokenizer)
-    columns: dict[str, list[float]] = {c: [] for c in SCORE_COLUMNS}
+    columns: dict[str, list[float]] = {c: [] for c in names}
     starts = range(0, len(input_ids), settings.batch_size)
-    with eval_mode(model, no_grad=True):
+    with eval_mode(model, no_grad=True), eval_mode(reference, no_grad=True) if reference is not None else contextlib.nullcontext():
         for start in tqdm(starts, desc=desc, disable=not settings.progress, leave=False):
             stop = start + settings.batch_size
-            batch = collate(input_ids[start:stop], label_ids[start:stop], pad)
-            batch = to_device(batch, device)
+            cpu_batch = collate(input_ids[start:stop], label_ids[start:stop], pad)
+            batch = to_device(cpu_batch, device)
             logits = lm_logits(model, batch)
             labels = batch["labels"]
             loss = per_example_loss(logits, labels)
@@ -226,9 +301,69 @@ def sequence_scores(
                 columns["n_tokens"].append(int(counts[row]))
                 columns["min_k"].append(min_k_mean(lp, settings.min_k))
                 columns["min_k_pp"].append(min_k_mean(z, settings.min_k))
+            for predictions, answer in answer_predictions(logits, labels, tokenizer.eos_token_id):
+                for name, metric in TOKEN_METRICS.items():
+                    columns[name].append(metric(predictions, answer))
+            if reference is not None:
+                reference_batch = to_device(cpu_batch, device_of(reference))
+                reference_loss = per_example_loss(lm_logits(reference, reference_batch), reference_batch["labels"]).cpu()
+                columns["loss_minus_reference"].extend(float(a) - float(b) for a, b in zip(loss.cpu(), reference_loss))
     for loss, text in zip(columns["loss"], texts):
         columns["zlib"].append(loss / len(zlib.compress(text.encode("utf-8"))))
+    if gradnorm:
+        columns["gradnorm"] = gradient_norms(model, input_ids, label_ids, p=settings.gradnorm_p, progress=settings.progress, desc=f"{desc} (gradient norm)")
     return pd.DataFrame(columns)
+
+
+def scored_tokens(tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, template: Template = Template(), max_length: int = 256,
+                  scope: str = "answer") -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """(token ids, labels, the texts zlib compresses) of the pairs, as `sequence_scores` scores them in `scope`."""
+    if scope not in MIA_SCOPES:
+        raise UserError(f"unknown scoring scope {scope!r}: use one of {', '.join(MIA_SCOPES)}")
+    if scope == "document":
+        texts = [template.prompt(i) + o for i, o in zip(inputs, outputs)]
+        return (*document_tokens(tokenizer, texts, max_length), texts)
+    frame = pd.DataFrame({"id": [str(i) for i in range(len(inputs))], "input": list(inputs), "output": list(outputs)})
+    data = encode(frame, tokenizer, template, max_length)
+    return data.input_ids, data.labels, list(outputs)
+
+
+@contextlib.contextmanager
+def _all_parameters_trainable(parameters: Sequence[torch.nn.Parameter]):
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+
+
+def gradient_norms(model, input_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], *, p: float = 2.0,
+                   progress: bool = False, desc: str = "gradient norm") -> list[float]:
+    """Per example: the p-norm of the gradient of its loss w.r.t. every floating parameter of `model`.
+
+    The loss is the data contract's per-example loss (`soir.data.per_example_loss`, the tokens
+    the `loss` column scores), the norm is over all parameters together,
+    (sum over tensors of ||g_i||_p^p)^(1/p) (max |g| for p = inf), in float64. One unpadded
+    forward and one backward per example, in eval mode (no dropout), frozen parameters
+    included; the model's `.grad`s are left alone. OpenUnlearning's `mia_gradnorm` instead
+    averages the per-tensor norms, in train mode.
+    """
+    if float(p) not in GRADNORM_ORDERS:
+        raise UserError(f"the gradient-norm p must be 1, 2 or inf, got {p}")
+    device = device_of(model)
+    parameters = [q for q in model.parameters() if q.is_floating_point()]
+    norms = []
+    with eval_mode(model), torch.enable_grad(), _all_parameters_trainable(parameters):
+        for ids, labels in tqdm(list(zip(input_ids, label_ids)), desc=desc, disable=not progress, leave=False):
+            batch = to_device(collate([ids], [labels], 0), device)
+            loss = per_example_loss(lm_logits(model, batch), batch["labels"])[0]
+            grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+            per_tensor = [torch.linalg.vector_norm(g, ord=p, dtype=torch.float64) for g in grads if g is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack(per_tensor), ord=p)) if per_tensor else 0.0)
+    return norms
 
 
 def document_tokens(tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[list[list[int]], list[list[int]]]:
