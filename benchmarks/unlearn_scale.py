@@ -1,19 +1,24 @@
 """Masked unlearning at scale: time per step and peak memory of `soir unlearn` on models built
 from config, for the full model against a 10% tensor mask and a 10% element mask, in float32
-and in bf16 (float32 masters of the selected entries only, docs/design.md §7).
+and in bf16 (float32 masters of the selected entries only, docs/design.md §7), and for LoRA
+adapters (`--lora-rank`) on the 10% tensor mask's linear layers or on every linear layer.
 
 Each model is an OLMo with random weights (`1b`: the OLMo-1B shape, hidden 2048, 16 layers,
 16 heads, MLP 8192, vocabulary 50304; or HIDDENxLAYERS with a 4·hidden MLP and the testbed's
 vocabulary), saved with the testbed tokenizer. Every configuration runs `soir unlearn` (NPO, so
 the reference forward is in the step) in a fresh process (a MASK ending in -gc adds
---gradient-checkpointing); a baseline process only loads the model
+--gradient-checkpointing; `lora` adapts the tensor mask's layers, `lora-all` every linear layer of
+the blocks, rank --lora-rank); a baseline process only loads the model
 in the same dtype, and "extra" is the run's peak RSS minus the baseline's. Beside it, the bytes
 the design predicts beyond the loaded model: gradients + AdamW's two moments of the trained
 entries (float32) + their float32 masters when the weights are bf16 or the mask is by element
-+ the reference's copy of the selected entries (a full copy for the full model).
++ the reference's copy of the selected entries (a full copy for the full model); for LoRA, the
+adapters, their gradients and AdamW's two moments (float32, 16 bytes per adapter entry), with no
+reference copy (the reference is the model with its adapters off).
 
     .venv/bin/python benchmarks/unlearn_scale.py                                  # 256x16 fp32 and 1b bf16
     .venv/bin/python benchmarks/unlearn_scale.py --runs 256x16:float32:full,tensor
+    .venv/bin/python benchmarks/unlearn_scale.py --steps 3 --runs 256x16:float32:lora,lora-all
 
 Writes unlearn_scale.{csv,json,png} (rows merged with earlier results by size, dtype and mask).
 """
@@ -35,7 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from shift_memory import peak_rss_mb  # noqa: E402
 from unlearn_memory import pick_tensors  # noqa: E402
 
-RUNS = ("256x16:float32:full,tensor,element,element-gc", "1b:bfloat16:tensor,element")
+RUNS = ("256x16:float32:full,tensor,element,element-gc,lora,lora-all", "1b:bfloat16:tensor,element")
+LORA_MASKS = {"lora": "tensor", "lora-all": "linear"}  # the mask whose layers get adapters
 SHAPES = {"1b": dict(hidden=2048, layers=16, heads=16, intermediate=8192, vocab=50304)}
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -48,7 +54,8 @@ def shape_of(size: str) -> dict:
 
 
 def build(data: Path, size: str, dtype: str, fraction: float, out: Path) -> dict:
-    """Save the model of `size` in `dtype` with the testbed tokenizer, and its tensor and element masks."""
+    """Save the model of `size` in `dtype` with the testbed tokenizer, and its tensor, element and linear
+    (every 2-D block weight: all linear layers of the blocks) masks."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,6 +70,8 @@ def build(data: Path, size: str, dtype: str, fraction: float, out: Path) -> dict
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     save_model(model, tokenizer, out / "model")
     Mask.from_names(model, pick_tensors(model, fraction)).save(out / "tensor")
+    blocks = [name for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name and "lm_head" not in name]
+    Mask.from_names(model, blocks).save(out / "linear")
     generator = torch.Generator().manual_seed(0)
     rows = {name: torch.rand(p.shape[0], 1, generator=generator) < fraction
             for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name and "lm_head" not in name}
@@ -87,26 +96,33 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
     rows = []
     for spec in masks:
         kind, checkpointing = spec.removesuffix("-gc"), spec.endswith("-gc")
+        mask_dir = LORA_MASKS.get(kind, kind)
         out = here / f"out-{spec}"
         command = [str(Path(sys.executable).with_name("soir")), "unlearn", "--model", str(here / "model"), "--dtype", dtype,
                    "--forget", str(data / "forget.parquet"), "--retain", str(data / "retain.parquet"), "--objective", "npo",
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-5", "--warmup", "0",
                    "--no-progress", "--out", str(out)]
         if kind != "full":
-            command += ["--mask", str(here / kind)]
+            command += ["--mask", str(here / mask_dir)]
+        if kind in LORA_MASKS:
+            command += ["--lora-rank", str(args.lora_rank)]
         if checkpointing:
             command.append("--gradient-checkpointing")
         rss, wall = peak_rss_mb(command)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         seconds = [r["seconds"] for r in log]
         n = info["n_params"]
-        selected = n if kind == "full" else load_mask(here / kind).n_selected
+        selected = n if kind == "full" else load_mask(here / mask_dir).n_selected
         master = dtype != "float32" or kind == "element"
         weight = BYTES[dtype]
         predicted = selected * 4 * (3 + master) + selected * weight * (kind != "full") + n * weight * (kind == "full")
+        trained = selected
+        if kind in LORA_MASKS:  # float32 adapters + gradients + two moments; no reference copy
+            trained = json.loads((out / "lora.json").read_text())["n_adapter_params"]
+            predicted = trained * 4 * 4
         rows.append({
             "size": size, "dtype": dtype, "mask": spec, "n_params": n, "n_selected": selected, "fraction": round(selected / n, 4),
-            "steps": args.steps, "batch_size": args.batch_size,
+            "n_trained": trained, "lora_rank": args.lora_rank if kind in LORA_MASKS else 0, "steps": args.steps, "batch_size": args.batch_size,
             "seconds_per_step": round((seconds[-1] - seconds[0]) / max(1, len(seconds) - 1), 3), "first_step_s": seconds[0],
             "wall_s": round(wall, 1), "model_mib": round(n * weight / 2**20), "baseline_rss_mib": round(base_rss), "peak_rss_mib": round(rss),
             "extra_rss_mib": round(rss - base_rss), "predicted_extra_mib_without_activations": round(predicted / 2**20),
@@ -119,12 +135,13 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
 def plot(table, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
-    labels = [f"{r['size']} {r['dtype']}\n{r['mask']}" for _, r in table.iterrows()]
+    labels = [f"{r['size']} {r['dtype']}\n{r['mask']}" + (f" r{int(r['lora_rank'])}" if r.get("lora_rank", 0) > 0 else "")
+              for _, r in table.iterrows()]
     fig, (memory, time) = new_figure((11, 4.2), 2)
     x = range(len(table))
     memory.bar([i - 0.2 for i in x], table["extra_rss_mib"] / 1024, width=0.4, label="measured peak RSS beyond the loaded model")
     memory.bar([i + 0.2 for i in x], table["predicted_extra_mib_without_activations"] / 1024, width=0.4,
-               label="predicted: grads + AdamW + masters + reference")
+               label="predicted: grads + AdamW + masters + reference (LoRA: adapters + grads + AdamW)")
     memory.set_xticks(list(x), labels, fontsize=7)
     memory.set_ylabel("GiB")
     memory.legend(fontsize=7)
@@ -138,8 +155,9 @@ def plot(table, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", default=list(RUNS), help="SIZE:DTYPE:MASK,MASK… with SIZE 1b or HIDDENxLAYERS, MASK full, tensor or "
-                                                                  "element, with -gc for --gradient-checkpointing")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), help="SIZE:DTYPE:MASK,MASK… with SIZE 1b or HIDDENxLAYERS, MASK full, tensor, "
+                                                                  "element, lora or lora-all, with -gc for --gradient-checkpointing")
+    p.add_argument("--lora-rank", type=int, default=8, help="the rank of the lora rows")
     p.add_argument("--data", type=Path, default=ROOT / "demo-out" / "data", help="a testbed data directory (forget/retain parquet + tokenizer/)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)

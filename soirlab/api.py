@@ -117,11 +117,12 @@ def select(ranking: Ranking | str | Path, model, *, settings: SelectSettings | N
 
 def unlearn(model, forget, retain, *, tokenizer=None, mask: Mask | str | Path | None = None, objective: str = "graddiff",
             weights=None, train=None, data: DataSettings = DataSettings(), out: str | Path | None = None, copy: bool = False,
-            eval_callback=None, **options):
+            eval_callback=None, lora_rank: int = 0, lora_alpha: float | None = None, **options):
     """Masked unlearning of `model` in memory (`unlearn.unlearning.unlearn_model`): it is changed in
     place (or a copy, with `copy=True`), never reloaded from disk. `options` are `TrainSettings`
     fields (steps, lr, batch_size, eval_every, optimizer, …) or `ObjectiveSettings` fields (w_forget,
     w_retain, w_kl, beta, margin). `out`, when given, keeps the log, eval rows and checkpoints.
+    `lora_rank` > 0 trains merged LoRA adapters on the linear weights the mask selects (α = `lora_alpha`, default 2·rank).
     Returns (the unlearned model, its `UnlearnResult` with the evaluation rows in `evals`)."""
     from unlearn.loop import TrainSettings
     from unlearn.objectives import ObjectiveSettings
@@ -136,16 +137,18 @@ def unlearn(model, forget, retain, *, tokenizer=None, mask: Mask | str | Path | 
     if mask is not None and not isinstance(mask, Mask):
         mask = load_mask(mask)
     result = unlearn_model(model, tokenizer, _frame(forget, data), _frame(retain, data), mask, objective=objective, weights=weights,
-                           train=train, data=data, out=out, eval_callback=eval_callback)
+                           train=train, data=data, out=out, eval_callback=eval_callback, lora_rank=lora_rank, lora_alpha=lora_alpha)
     return model, result
 
 
 def evaluate(model, tokenizer=None, splits: Mapping[str, pd.DataFrame | str | Path] | None = None, *, forget=None, retain=None,
-             holdout=None, mmlu=None, oracle=None, settings=None, data: DataSettings = DataSettings(), **options):
+             holdout=None, mmlu=None, oracle=None, reference=None, settings=None, data: DataSettings = DataSettings(), **options):
     """SemEval, MIA, MMLU and TOFU metrics (`analysis.evaluate.evaluate`): (metrics dict, per-example table).
 
     Splits come as a mapping (e.g. `load_splits(...)`: its `holdout` becomes the MIA non-members and
-    `general` is left out) or as `forget=`, `retain=`. `options` are `EvalSettings` fields."""
+    `general` is left out) or as `forget=`, `retain=`. `reference` (a model or path, same tokenizer)
+    is the reference model of the reference MIA; without it that attack is skipped. `options` are
+    `EvalSettings` fields."""
     from analysis.evaluate import EvalSettings
     from analysis.evaluate import evaluate as run_evaluate
 
@@ -157,9 +160,10 @@ def evaluate(model, tokenizer=None, splits: Mapping[str, pd.DataFrame | str | Pa
     model, tokenizer = _model(model, tokenizer)
     if oracle is not None and not isinstance(oracle, pd.DataFrame):
         oracle = _other(oracle, tokenizer)
+    reference = None if reference is None else _other(reference, tokenizer)
     settings = _settings(EvalSettings, settings or EvalSettings(template=data.template), {"mia": holdout is not None, **options}, "evaluate")
     return run_evaluate(model, tokenizer, frames, holdout=None if holdout is None else _frame(holdout, data), mmlu=mmlu, oracle=oracle,
-                        settings=settings)
+                        settings=settings, reference=reference)
 
 
 def shift(base, finetuned, *, settings=None, **options) -> pd.DataFrame:

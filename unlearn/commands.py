@@ -18,7 +18,11 @@ from soir.settings import add_settings, describe_choices, from_args
 from unlearn.loop import TrainSettings
 from unlearn.objectives import ObjectiveSettings
 
-WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin", "rmu_layer", "steering_coeff", "rmu_alpha")
+WEIGHT_FLAGS = ("w_forget", "w_retain", "w_kl", "beta", "margin", "rmu_layer", "steering_coeff", "rmu_alpha",
+                "wga_alpha", "satimp_beta1", "satimp_beta2", "undial_gamma", "ceu_skip")
+
+
+LORA_FLAGS = ("lora_rank", "lora_alpha")
 
 
 TRAIN_FLAGS = ("batch_size", "lr", "optimizer", "weight_decay", "momentum", "rho", "sophia_betas", "hessian_every", "sophia_eps",
@@ -98,6 +102,9 @@ def unlearn_arguments(p) -> None:
     g.add_argument("--ranking", metavar="DIR|FILE", help="a ranking from `soir rank`, selected with --top")
     add_selection(g, with_ranking=True)
     add_settings(p, ObjectiveSettings, WEIGHT_FLAGS, group="objective weights")
+    from unlearn.unlearning import UnlearnSettings
+
+    add_settings(p, UnlearnSettings, LORA_FLAGS, group="LoRA (the mask must select whole weights of linear layers)")
     add_data(p)
     add_train(p, lr=1e-5)
     add_common(p, "directory for the unlearned model and its logs")
@@ -109,7 +116,8 @@ def unlearn(args) -> int:
     Everything else stays bit-identical. Writes a save_pretrained model with its tokenizer,
     log.jsonl (every loss component per step), eval.jsonl (teacher-forced answer accuracy on forget
     and retain with --eval-every), mask.safetensors/mask.json, unlearn.json and checkpoints/ (with
-    --save-every; --resume continues exactly)."""
+    --save-every; --resume continues exactly). With --lora-rank R the selected linear weights change
+    through rank-R LoRA adapters, merged into them at the end (lora.json records them)."""
     from soir.distributed import is_main
     from unlearn.unlearning import UnlearnSettings
     from unlearn.unlearning import unlearn as run_unlearn
@@ -123,6 +131,7 @@ def unlearn(args) -> int:
         weights=from_args(ObjectiveSettings, args, WEIGHT_FLAGS),
         mask=args.mask, ranking=args.ranking, selection=selection, include=include, exclude=exclude,
         input=data_settings(args), train=train_settings(args), resume=args.resume, overwrite=args.overwrite,
+        **{name: getattr(args, name) for name in LORA_FLAGS},
     )
     result = run_unlearn(settings)
     if is_main():

@@ -1,5 +1,6 @@
 """Training objectives, registered by name: `finetune`, and the unlearning objectives `ga`,
-`graddiff`, `kl`, `npo`, `simnpo`, `combo`, `idk`, `dpo`, `rmu` (docs/design.md §7).
+`graddiff`, `kl`, `npo`, `simnpo`, `combo`, `idk`, `dpo`, `wga`, `satimp`, `undial`, `ce-u`,
+`altpo`, `rmu` (docs/design.md §7).
 
 An objective is one class plus one registration (`@register_objective(NAME)`): it declares
 the batch streams it needs (`train`, or `forget`, `forget_idk` and `retain`), whether it needs
@@ -9,9 +10,11 @@ mask before training (RMU: its layer and random direction) has `prepare(model, m
 which the unlearn stage calls before anything is written.
 
 Streams are built by the unlearn stage: `forget` and `retain` from the splits, `forget_idk`
-(`IDK_STREAM`) from the forget split with every answer replaced by a refusal from the shipped
-list (`with_refusals`: the prompt is kept, only the refusal and EOS are labelled). `forget_idk`
-is shuffled like `forget`, so batch i of the two holds the same rows in the same order.
+(`IDK_STREAM`) from the forget split with every answer replaced by the objective's preferred
+answer (`preferred_frame`): a refusal from the shipped list (`with_refusals`), or for altpo the
+split's `alternate` column when it has one (`with_alternates`); the prompt is kept, only the new
+answer and EOS are labelled. `forget_idk` is shuffled like `forget`, so batch i of the two holds
+the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from soir.data import IGNORE_INDEX, example_losses, per_example_loss, token_nll
+from soir.data import IGNORE_INDEX, example_losses, list_cell, per_example_loss, token_nll
 from soir.errors import UserError
 from soir.groups import layer_index
 from soir.registry import Registry
@@ -43,9 +46,9 @@ class ObjectiveSettings:
     """Weights and temperatures shared by the objectives; each uses the ones it needs."""
 
     w_forget: float = setting(1.0, "weight of the forget term (idk: of the refusal NLL)")
-    w_retain: float = setting(1.0, "weight of the retain NLL (graddiff, npo, simnpo, combo, idk, dpo)")
+    w_retain: float = setting(1.0, "weight of the retain NLL (graddiff, npo, simnpo, combo, idk, dpo, wga, satimp, undial, altpo)")
     w_kl: float = setting(1.0, "weight of the KL to the original model on retain (kl, combo)")
-    beta: float = setting(0.1, "inverse temperature β of NPO, SimNPO and DPO (OpenUnlearning's 0.1)")
+    beta: float = setting(0.1, "inverse temperature β of NPO, SimNPO, DPO and AltPO (OpenUnlearning's 0.1)")
     margin: float = setting(0.0, "SimNPO's margin γ")
     rmu_layer: int | None = setting(None, "RMU: the transformer block (0-based) whose output is steered (default: the deepest "
                                           "block the mask selects; WMDP steers block 7 of Zephyr-7B's 32, training blocks 5-7)",
@@ -56,6 +59,15 @@ class ObjectiveSettings:
     rmu_alpha: float = setting(10.0, "RMU's weight α of the retain activations' squared distance to the original model's "
                                      "(10 balances forget and retain on the built-in testbed; WMDP: 1200 for Zephyr-7B)",
                                metavar="ALPHA")
+    wga_alpha: float = setting(1.0, "WGA's exponent α: each forget token's NLL is weighted by its probability to the power α "
+                                    "(OpenUnlearning's 1; 0 is plain gradient ascent)", metavar="ALPHA")
+    satimp_beta1: float = setting(5.0, "SatImp's saturation exponent β1: a forget token's weight is p^β1 (1 − p)^β2 "
+                                       "(OpenUnlearning's 5)", metavar="B1")
+    satimp_beta2: float = setting(1.0, "SatImp's importance exponent β2 (OpenUnlearning's 1)", metavar="B2")
+    undial_gamma: float = setting(10.0, "UNDIAL: how far the teacher's logit of each forget token is lowered "
+                                        "(OpenUnlearning's `beta`, 10)", metavar="G")
+    ceu_skip: int = setting(1, "CE-U: the first N answer tokens of each forget row are left out of the loss "
+                               "(the paper's footnote; OpenUnlearning's 1)", metavar="N")
 
 
 class Objective(Protocol):
@@ -158,7 +170,8 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
 
     Weights must be finite and ≥ 0, and the weights the objective uses must not all be 0
     (their sum would be zero: there would be nothing to optimise); its temperatures (NPO,
-    SimNPO and DPO's β, RMU's steering coefficient) must be finite and > 0.
+    SimNPO and DPO's β, RMU's steering coefficient, UNDIAL's γ) must be finite and > 0, and its
+    exponents and counts (`nonnegative`: WGA's α, SatImp's β1 and β2, CE-U's skip) finite and ≥ 0.
     """
     used = getattr(OBJECTIVES.get(name), "weights", ())
     for field_name in used:
@@ -173,6 +186,10 @@ def check_settings(name: str, settings: ObjectiveSettings) -> None:
         value = getattr(settings, field_name)
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"objective {name}: {field_name}={value} must be > 0")
+    for field_name in getattr(OBJECTIVES[name], "nonnegative", ()):
+        value = getattr(settings, field_name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"objective {name}: {field_name}={value} must be finite and >= 0")
     if "beta" in temperatures and not math.isfinite(settings.margin):
         raise UserError(f"objective {name}: margin={settings.margin} must be finite")
 
@@ -185,6 +202,7 @@ class _Unlearning:
     needs_reference = False
     weights: tuple[str, ...] = ()
     temperatures: tuple[str, ...] = ()
+    nonnegative: tuple[str, ...] = ()
 
     def __init__(self, settings: ObjectiveSettings):
         check_settings(self.name, settings)
@@ -404,17 +422,227 @@ class DPO(_Unlearning):
     needs_reference = True
     weights = ("w_forget", "w_retain")
     temperatures = ("beta",)
+    term, preferred_nll = "dpo", "idk_nll"  # the names of its components
 
     def __call__(self, model, batches, reference=None):
         reference = self._reference(reference)
         loss, parts = 0.0, {}
         if self.settings.w_forget:
-            win, parts["idk_nll"] = log_ratio(model, reference, batches[IDK_STREAM])
+            win, parts[self.preferred_nll] = log_ratio(model, reference, batches[IDK_STREAM])
             lose, parts["forget_nll"] = log_ratio(model, reference, batches["forget"])
             dpo = -(2.0 / self.settings.beta) * F.logsigmoid(self.settings.beta * (win - lose)).mean()
-            parts["dpo"] = dpo.detach()
+            parts[self.term] = dpo.detach()
             loss = self.settings.w_forget * dpo
         return self._retain_nll(model, batches, loss, parts), parts
+
+
+# ---------------------------------------------------------------- alternate answers (altpo)
+
+ALTERNATE_COLUMN = "alternate"
+
+
+def with_alternates(frame: pd.DataFrame, seed: int = 0, column: str = ALTERNATE_COLUMN) -> pd.DataFrame:
+    """`frame` with each answer replaced by one of its row's alternate answers (column `alternate`), for
+    altpo's `forget_idk` stream; without that column, by a refusal (`with_refusals`).
+
+    A cell holds one alternate or a list of them (AltPO generates several per question); which one
+    a row gets is a pure function of (seed, row id), as `refusal_for`. The alternate takes the
+    answer's leading whitespace, as in `with_refusals`. A row without an alternate is a UserError.
+    """
+    if column not in frame.columns:
+        return with_refusals(frame, seed)
+    out, answers, empty = frame.copy(), [], []
+    for answer, row_id, cell in zip(frame["output"].astype(str), frame["id"].astype(str), frame[column]):
+        value = list_cell(cell)
+        values = value if isinstance(value, list) else ([] if value is None else [value])
+        options = [str(o).strip() for o in values if str(o).strip()]
+        if not options:
+            empty.append(row_id)
+            continue
+        answers.append(answer[: len(answer) - len(answer.lstrip())] + refusal_for(row_id, seed, options))
+    if empty:
+        raise UserError(f"the forget split's {column!r} column is empty in {len(empty)} rows (e.g. id {empty[0]}): "
+                        f"give every row an alternate answer, or drop the column to prefer refusals")
+    out["output"] = answers
+    return out
+
+
+def preferred_frame(objective, forget: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The rows of an objective's `forget_idk` stream: `forget` relabelled by its `preferred_answers`
+    (altpo: `with_alternates`), else by refusals (`with_refusals`: idk, dpo)."""
+    return getattr(objective, "preferred_answers", with_refusals)(forget, seed=seed)
+
+
+@register_objective("altpo")
+class AltPO(DPO):
+    """AltPO (Mekala et al. 2025, "Alternate Preference Optimization"): DPO preferring an alternate answer to the forget answer, plus the retain NLL.
+
+        loss = w_f · −(2/β) · mean_i log σ(β [(log π_θ(ã|x) − log π_ref(ã|x)) − (log π_θ(y|x) − log π_ref(y|x))])
+               + w_r · NLL_r
+
+    as `dpo`, with the preferred answer ã an in-domain alternate (the same question answered with
+    other, plausible facts) instead of a refusal: positive feedback that keeps the answers fluent.
+    The alternates come from the forget split's `alternate` column (`with_alternates`; one per row
+    or a list, one picked per row); AltPO and OpenUnlearning generate them with the model before
+    unlearning, here they are data. Without the column they are the shipped refusals, and altpo
+    is dpo. As OpenUnlearning (which runs AltPO as its DPO trainer on the alternates): β = 0.1,
+    w_f = w_r = 1 (its sweep: β 0.05–0.5, retain weight 1–5). Components: `altpo`, `forget_nll`,
+    `alternate_nll`.
+    """
+
+    term, preferred_nll = "altpo", "alternate_nll"
+    preferred_answers = staticmethod(with_alternates)
+
+
+# ---------------------------------------------------------------- reweighted tokens and soft targets (wga, satimp, undial, ce-u)
+#
+# Their forget terms are means over each example's labelled tokens, then over the examples (the
+# toolkit's convention, docs/design.md §3); OpenUnlearning averages over all the labelled tokens
+# of a batch at once. The two agree when every answer has the same length.
+
+
+def _weighted_nll(model, batch: Batch, weight: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_i (1/|y_i|) Σ_t w_t · NLL_t, the plain mean NLL, detached), with w_t = weight(p_t) of each
+    token's probability p_t = exp(−NLL_t) taken detached: the weights scale the tokens' gradients."""
+    token, mask = token_nll(lm_logits(model, batch), batch["labels"])
+    plain = token.detach()
+    return token_mean(weight(torch.exp(-plain)) * token, mask), token_mean(plain, mask)
+
+
+def _labelled_positions(logits: torch.Tensor, labels: torch.Tensor, skip: int = 0):
+    """(the logits (N, V) at the positions predicting a labelled token, in at least float32; those
+    tokens (N,); the example of each (N,); the count per example (B,)), leaving out the first
+    `skip` labelled tokens of every example."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if skip:
+        mask = mask & (mask.cumsum(1) > skip)
+    logits = logits[:, :-1][mask]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits, labels[:, 1:][mask], mask.nonzero(as_tuple=True)[0], mask.sum(1)
+
+
+def _soft_cross_entropy(target: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean over the examples with positions of each one's mean over them of CE(q, p) = −Σ_v q(v) log p(v)
+    (0 when no example has any: e.g. CE-U's skip took every token)."""
+    per_token = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    total = torch.zeros(counts.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    return (total / counts.clamp_min(1)).mean()  # a row with no tokens left counts 0, as per_example_loss does
+
+
+@register_objective("wga")
+class WGA(_Unlearning):
+    """Weighted gradient ascent (Wang et al. 2025, "Rethinking LLM Unlearning Objectives"): each forget token's NLL weighted by its probability^α, plus the retain NLL.
+
+        loss = −w_f · mean_i (1/|y_i|) Σ_t sg(p_t)^α · NLL_t + w_r · NLL_r,   p_t = π_θ(y_t | x, y_<t)
+
+    sg: the weight is detached. Gradient ascent's gradient weights a token by 1/p_t (∇ log p =
+    ∇p / p), so the tokens already forgotten dominate it; WGA multiplies that by p_t^α. α
+    (`wga_alpha`) is OpenUnlearning's 1 (α = 0 is gradient ascent); its WGA adds the retain NLL
+    with weight 1, as here. Components: `wga` (the weighted forget NLL), `forget_nll`.
+    """
+
+    weights = ("w_forget", "w_retain")
+    nonnegative = ("wga_alpha",)
+
+    def __call__(self, model, batches, reference=None):
+        loss, parts = 0.0, {}
+        if self.settings.w_forget:
+            alpha = self.settings.wga_alpha
+            wga, parts["forget_nll"] = _weighted_nll(model, batches["forget"], lambda p: p.pow(alpha))
+            parts["wga"] = wga.detach()
+            loss = -self.settings.w_forget * wga
+        return self._retain_nll(model, batches, loss, parts), parts
+
+
+@register_objective("satimp")
+class SatImp(_Unlearning):
+    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting"): gradient ascent with each forget token weighted by p^β1 (1 − p)^β2, plus the retain NLL.
+
+        loss = −w_f · mean_i (1/|y_i|) Σ_t sg(p_t)^β1 (1 − sg(p_t))^β2 · NLL_t + w_r · NLL_r
+
+    The saturation factor p^β1 damps the tokens already unlikely (forgotten enough), the
+    importance factor (1 − p)^β2 those the model is surest of; weights detached, as in WGA (which
+    is β2 = 0). β1 = 5, β2 = 1 (`satimp_beta1`, `satimp_beta2`) are OpenUnlearning's defaults.
+    OpenUnlearning's config weights the forget term 0.1 (its γ) and the retain NLL 1: give
+    --w-forget 0.1 to match it. Components: `satimp` (the weighted forget NLL), `forget_nll`.
+    """
+
+    weights = ("w_forget", "w_retain")
+    nonnegative = ("satimp_beta1", "satimp_beta2")
+
+    def __call__(self, model, batches, reference=None):
+        loss, parts = 0.0, {}
+        if self.settings.w_forget:
+            beta1, beta2 = self.settings.satimp_beta1, self.settings.satimp_beta2
+            satimp, parts["forget_nll"] = _weighted_nll(model, batches["forget"], lambda p: p.pow(beta1) * (1 - p).pow(beta2))
+            parts["satimp"] = satimp.detach()
+            loss = -self.settings.w_forget * satimp
+        return self._retain_nll(model, batches, loss, parts), parts
+
+
+@register_objective("undial")
+class UNDIAL(_Unlearning):
+    """UNDIAL (Dong et al. 2025): self-distillation on the forget answers towards the original model with each true token's logit lowered by γ.
+
+        loss = w_f · mean_i (1/|y_i|) Σ_t CE(q_t, p_θ,t) + w_r · NLL_r,   q_t = softmax(z_ref,t − γ · e_{y_t})
+
+    z_ref,t are the reference's logits at the position that predicts y_t (the model before
+    unlearning, through the swapped original values of `unlearn.reference`, not a second model),
+    e_{y_t} its one-hot, CE(q, p) = −Σ_v q(v) log p(v). The target is fixed, so the loss is
+    bounded below (its minimum is at p = q), unlike gradient ascent. γ (`undial_gamma`) is
+    OpenUnlearning's 10 (its `beta`; its sweep: 3, 10, 30). Only the labelled answer positions
+    count; OpenUnlearning averages over every position, prompt and padding included. Its config
+    weights the retain NLL 0 (the paper has none), its community runs 1–5: --w-retain 0 is the
+    paper's form. Components: `undial`, `forget_nll`.
+    """
+
+    needs_reference = True
+    weights = ("w_forget", "w_retain")
+    temperatures = ("undial_gamma",)
+
+    def __call__(self, model, batches, reference=None):
+        reference = self._reference(reference)
+        loss, parts = 0.0, {}
+        if self.settings.w_forget:
+            batch = batches["forget"]
+            teacher = _labelled_positions(reference.logits(batch), batch["labels"])[0]
+            logits = lm_logits(model, batch)
+            student, tokens, rows, counts = _labelled_positions(logits, batch["labels"])
+            adjusted = teacher.clone()
+            adjusted[torch.arange(tokens.numel(), device=tokens.device), tokens] -= self.settings.undial_gamma
+            undial = _soft_cross_entropy(F.softmax(adjusted, dim=-1), student, rows, counts)
+            parts["undial"] = undial.detach()
+            parts["forget_nll"] = per_example_loss(logits.detach(), batch["labels"]).mean()
+            loss = self.settings.w_forget * undial
+        return self._retain_nll(model, batches, loss, parts), parts
+
+
+@register_objective("ce-u")
+class CEU(_Unlearning):
+    """CE-U (Yang 2025, "Cross Entropy Unlearning"): cross-entropy towards the model's own next-token distribution with the true token removed.
+
+        loss = w_f · mean_i (1/|y_i'|) Σ_{t ∈ y_i'} CE(q_t, p_θ,t),   q_t = softmax(sg(z_t) with z_t[y_t] = −∞)
+
+    q_t is p_θ,t renormalised without y_t, detached, so the gradient in the logits, p_θ,t − q_t,
+    is p_t(y_t) on the true token and −p_t(v) p_t(y_t) / (1 − p_t(y_t)) on the others: bounded,
+    and vanishing as the true token is forgotten. y_i' leaves out the first `ceu_skip` labelled
+    tokens of each row (the paper's footnote; OpenUnlearning's default 1). No retain term and no
+    reference, as in the paper and OpenUnlearning. Components: `ceu`, `forget_nll`.
+    """
+
+    streams = ("forget",)
+    weights = ("w_forget",)
+    nonnegative = ("ceu_skip",)
+
+    def __call__(self, model, batches, reference=None):
+        batch = batches["forget"]
+        logits = lm_logits(model, batch)
+        current, tokens, rows, counts = _labelled_positions(logits, batch["labels"], skip=self.settings.ceu_skip)
+        removed = current.detach().scatter(-1, tokens[:, None], float("-inf"))
+        ceu = _soft_cross_entropy(F.softmax(removed, dim=-1), current, rows, counts)
+        parts = {"ceu": ceu.detach(), "forget_nll": per_example_loss(logits.detach(), batch["labels"]).mean()}
+        return self.settings.w_forget * ceu, parts
 
 
 # ---------------------------------------------------------------- activations (rmu)
@@ -549,8 +777,9 @@ def gnb_loss(model, batches: Mapping[str, Batch], generator: torch.Generator) ->
     enters with its magnitude: its Gauss–Newton −G_f is negative semi-definite, no square of
     sampled gradients can estimate it, and as a preconditioner it would make ρ·h ≤ 0 and the
     step unbounded; |−G_f| = G_f is the saddle-free choice, and the clip bounds the step where
-    the curvature is small. For npo's, dpo's and rmu's forget terms (not NLLs) it is the
-    Fisher metric of the model's predictive distribution on those tokens, the same preconditioner.
+    the curvature is small; so do the reweighted ascents of wga and satimp. For the other forget
+    terms (npo, dpo, altpo, undial, ce-u, rmu: not NLLs) it is the Fisher metric of the model's
+    predictive distribution on those tokens, the same preconditioner.
     """
     total, count = None, 0
     for batch in batches.values():

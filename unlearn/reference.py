@@ -10,6 +10,9 @@ the checkpoint's changed tensors). The reference forward runs in eval mode (no d
 and without grad; it leaves the model's parameters, and its train/eval modes, as they were.
 `logits(batch)` serves KL, NPO and DPO; `apply(fn)` evaluates any `fn(model)` on the original
 model (RMU's activations of a block).
+
+With LoRA adapters (`--lora-rank`) the base weights never change while the adapters train, so
+`AdapterReference` is the model itself with its adapters switched off: no copy, no swap.
 """
 
 from __future__ import annotations
@@ -119,6 +122,31 @@ class CopyReference:
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         return lm_logits(self.model, batch).detach()
+
+
+class AdapterReference:
+    """The model before unlearning as the LoRA-adapted model with its adapters off (`tuner`: a peft
+    `LoraModel`, whose `disable_adapter_layers` makes every adapted layer compute its base layer
+    alone). Exact, since training changes the adapters only; switching back on leaves the adapters
+    trainable as they were."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+
+    @torch.no_grad()
+    def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """`fn(model)` with the adapters off, in eval mode and without grad."""
+        model = self.tuner.model
+        self.tuner.disable_adapter_layers()
+        try:
+            with eval_mode(model):
+                return fn(model)
+        finally:
+            self.tuner.enable_adapter_layers()
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.apply(lambda model: lm_logits(model, batch).detach())
 
 
 def make_reference(model, mask: Mask, originals: Mapping[str, torch.Tensor] | None = None):
