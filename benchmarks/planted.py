@@ -266,11 +266,15 @@ def write(table: pd.DataFrame, planting: pd.DataFrame, meta: dict, out: Path, st
 
 def merge(dirs: list[Path], out: Path, started: float) -> int:
     """Join runs over other recipes or placements (same testbed and settings) into one set of outputs."""
-    metas = [json.loads((d / "planted.json").read_text()) for d in dirs]
-    table = pd.concat([pd.read_csv(d / "planted.csv") for d in dirs], ignore_index=True)
-    planting = pd.concat([pd.read_csv(d / "planted_planting.csv") for d in dirs], ignore_index=True)
+    finished = [d for d in dirs if (d / "planted.json").is_file()]
+    interrupted = [d for d in dirs if d not in finished]  # stopped early: their planted_partial.csv rows count, said so in the JSON
+    metas = [json.loads((d / "planted.json").read_text()) for d in finished]
+    table = pd.concat([pd.read_csv(d / "planted.csv") for d in finished] + [pd.read_csv(d / "planted_partial.csv") for d in interrupted],
+                      ignore_index=True)
+    planting = pd.concat([pd.read_csv(d / "planted_planting.csv") for d in finished], ignore_index=True)
     meta = {**{k: v for k, v in metas[0].items() if k not in ("command", "seconds", "tables", "versions")},
-            "merged": [{"command": m["command"], "seconds": m["seconds"]} for m in metas]}
+            "merged": [{"command": m["command"], "seconds": m["seconds"]} for m in metas],
+            "interrupted": [{"dir": str(d), "rows": int(len(pd.read_csv(d / "planted_partial.csv")))} for d in interrupted]}
     meta["placements"] = {k: v for m in metas for k, v in m["placements"].items()}
     write(table, planting, meta, out, started)
     return 0
