@@ -1,4 +1,5 @@
-"""Unlearning methods side by side on one mask: graddiff, npo, idk, dpo, rmu, and graddiff with SophiaG.
+"""Unlearning methods side by side on one mask: graddiff, npo, idk, dpo, rmu, graddiff with SophiaG, and
+OpenUnlearning's wga, satimp, undial, ce-u and altpo (each objective at its own defaults).
 
 Given a testbed made by `soir demo --out DIR` (DIR/data/{forget,retain,holdout}.parquet,
 DIR/finetuned/, DIR/oracle/), this ranks the finetuned model with the default `soir` score,
@@ -37,6 +38,11 @@ METHODS = {
     "dpo": ("dpo", "adamw"),
     "rmu": ("rmu", "adamw"),
     "graddiff-sophiag": ("graddiff", "sophiag"),
+    "wga": ("wga", "adamw"),
+    "satimp": ("satimp", "adamw"),
+    "undial": ("undial", "adamw"),
+    "ce-u": ("ce-u", "adamw"),
+    "altpo": ("altpo", "adamw"),
 }
 SPLITS = ("forget", "retain", "holdout")
 
@@ -72,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="unlearning steps per run (default: 100, the demo's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--top", type=float, default=0.1, help="fraction of parameters selected by the soir ranking (default: 0.1)")
-    p.add_argument("--w-retain", type=float, default=5.0, help="retain NLL weight of graddiff, npo, idk, dpo (default: 5, the demo's)")
+    p.add_argument("--w-retain", type=float, default=5.0, help="retain NLL weight of the objectives with a retain term (default: 5, the demo's)")
     p.add_argument("--generate", action="store_true", help="also greedy generation: ROUGE-L, exact match and MIA (slower)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -169,7 +175,7 @@ def plot(table, path: Path, generate: bool) -> None:
     from soir.io import atomic_path
 
     panels = [("accuracy", "teacher-forced answer accuracy")] + ([("regurgitation", "ROUGE-L recall (greedy)")] if generate else [])
-    markers = dict(zip(["finetuned", "oracle", *METHODS], ["*", "P", "o", "s", "^", "v", "D", "X"]))
+    markers = dict(zip(["finetuned", "oracle", *METHODS], ["*", "P", "o", "s", "^", "v", "D", "X", "<", ">", "h", "p", "8"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for method, part in table.groupby("method", sort=False):
