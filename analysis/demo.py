@@ -473,12 +473,11 @@ def write_report(out: Path, recipe: StudyRecipe) -> dict:
     return write(out, recipe)
 
 
-# expected seconds per stage on 2 cores. default: `soir demo`'s .stages/*.json with OMP_NUM_THREADS=1 on a 2-core
-# machine with one other busy process (finetuned and oracle scaled from 20 to 17 epochs, probes from the
-# measured batch-64 speed-up); quick: an earlier `soir demo --quick` run, not measured again
+# expected seconds per stage on 2 cores. default: the stage lines of `make demo` on a fresh clone on 2 idle cores
+# (2026-12-03, the README's "Quick start"); quick: an earlier `soir demo --quick` run, not measured again
 EXPECTED = {
-    "default": {"data": 1, "base": 62, "finetuned": 133, "oracle": 70, "shift": 1, "rankings": 48, "unlearning": 113, "evaluation": 47,
-                "curves": 77, "probes": 45, "report": 1},
+    "default": {"data": 1, "base": 31, "finetuned": 64, "oracle": 40, "shift": 1, "rankings": 31, "unlearning": 62, "evaluation": 33,
+                "curves": 41, "probes": 26, "report": 1},
     "quick": {"data": 3, "base": 8, "finetuned": 20, "oracle": 12, "shift": 2, "rankings": 8, "unlearning": 10, "evaluation": 15,
               "curves": 10, "probes": 8, "report": 4},
 }
