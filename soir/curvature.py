@@ -13,6 +13,8 @@ are variables; every other parameter and buffer is held fixed, so `hvp` returns 
   g_iᵀu per example; `exact_example_dots` uses exact per-example gradients
   (`soir.gradients.per_example_grads`).
 - `gauss_newton_product`: the exact Jᵀ H_logits J v, the reference for the estimator.
+- `RecordedForwards`: a list of batches' forwards recorded once, re-run from a group's first
+  block with the blocks below replayed (`fd`, and `soir-line` in `soir.linesearch`).
 - `hvp_quadratic_forms`, `ggn_quadratic_forms`: the batched forms c_S = v_Sᵀ H_SS v_S of many
   groups at once, as `soir rank` computes them; registered by name in `CURVATURES`
   (`--curvature`). The single-group functions above are their test references.
@@ -422,9 +424,10 @@ class LayerCache:
                 hook.remove()
 
     @contextlib.contextmanager
-    def skip_below(self, start: int):
+    def skip_below(self, start: int, outputs: list | None = None):
+        """Blocks below `start` return `outputs` (default: the last recorded ones)."""
         patched = list(self.blocks[: min(start, self.depth)]) if self.blocks is not None else []
-        for block, output in zip(patched, self.outputs):
+        for block, output in zip(patched, self.outputs if outputs is None else outputs):
             block.forward = (lambda out: (lambda *args, **kwargs: out))(output)
         try:
             yield
@@ -461,13 +464,53 @@ def first_block(model: nn.Module, cache: LayerCache, groups: Sequence[Group], fo
     return starts, output
 
 
+class RecordedForwards:
+    """The forwards of a fixed list of batches, recorded once and then re-run under changed weights
+    of one group from the group's first block upward, the blocks below returning their recorded
+    outputs (their inputs cannot change). Shared by `fd` and `soir-line` (`soir.linesearch`).
+
+    Keeps one hidden state per block and batch (`LayerCache`): depth × tokens × hidden elements.
+    `starts` maps each group to its first block (`first_block`; computed on the first batch when
+    not given); `base` is Σ of the per-example losses at the recorded weights (float64)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], loss_fn: LossFn = example_losses,
+                 starts: Mapping[str, int] | None = None):
+        self.model, self.loss_fn = model, loss_fn
+        device = device_of(model)
+        self.batches = [to_device(b, device) for b in batches]
+        self.cache = LayerCache(model)
+        self.outputs: list[list] = []
+        self.starts = None if starts is None else dict(starts)
+        self.base = 0.0
+        with eval_mode(model, no_grad=True):
+            for batch in self.batches:
+                with self.cache.record():
+                    if self.starts is None:
+                        self.starts, losses = first_block(model, self.cache, groups, lambda: loss_fn(model, batch))
+                    else:
+                        losses = loss_fn(model, batch)
+                self.outputs.append(self.cache.outputs)
+                self.base += float(losses.double().sum())
+
+    def total(self, start: int) -> float:
+        """Σ over all rows of the per-example loss under the model's current weights, run from block
+        `start` upward: exact when only parameters at or above `start` have changed."""
+        total = 0.0
+        with eval_mode(self.model, no_grad=True):
+            for batch, outputs in zip(self.batches, self.outputs):
+                with self.cache.skip_below(start, outputs):
+                    total += float(self.loss_fn(self.model, batch).double().sum())
+        return total
+
+
 def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
                        step: float = FD_STEP, bar=None, loss_fn: LossFn = example_losses) -> dict[str, float]:
     """v_Sᵀ H_SS v_S of the split loss from forward passes only: the central second difference
     (L(θ + h v_S) − 2 L(θ) + L(θ − h v_S)) / h², with h v_S scaled to `step` × ‖θ_S‖ (relative).
 
     No graph is kept (inference memory). Per batch one recorded forward, then two forwards per
-    group that start at the group's block, the blocks below replaying their recorded outputs.
+    group that start at the group's block, the blocks below replaying their recorded outputs
+    (`RecordedForwards`, one batch at a time).
     The group's parameters are restored bit for bit after each perturbation. The truncation
     error is O(h²); float32 rounding bounds how small `step` can usefully be.
     """
@@ -475,9 +518,7 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
         raise UserError(f"--curvature fd needs float32 weights ({dtype_of(model)} rounds away its small perturbations): "
                         "load the model with --dtype float32, or use --curvature hvp or ggn")
     n = n_examples(batches)
-    device = device_of(model)
     named = dict(model.named_parameters())
-    cache = LayerCache(model)
     scales = {}
     for g in groups:
         v_norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in group_direction(g, vectors, named).values())))
@@ -487,13 +528,8 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
     starts = None
     with eval_mode(model), torch.no_grad():
         for batch in batches:
-            batch = to_device(batch, device)
-            with cache.record():
-                if starts is None:
-                    starts, losses = first_block(model, cache, groups, lambda: loss_fn(model, batch))
-                else:
-                    losses = loss_fn(model, batch)
-            centre = float(losses.double().sum())
+            recorded = RecordedForwards(model, [batch], groups, loss_fn, starts)
+            starts, centre = recorded.starts, recorded.base
             for g in groups:
                 if bar is not None:
                     bar.update(1)
@@ -503,11 +539,10 @@ def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Seque
                 v = group_direction(g, vectors, named)
                 kept = {m: named[m].detach().clone() for m in v}
                 sides = []
-                with cache.skip_below(starts[g.name]):
-                    for sign in (1.0, -1.0):
-                        for m, x in v.items():
-                            named[m].copy_(kept[m]).add_(x, alpha=sign * h)
-                        sides.append(float(loss_fn(model, batch).double().sum()))
+                for sign in (1.0, -1.0):
+                    for m, x in v.items():
+                        named[m].copy_(kept[m]).add_(x, alpha=sign * h)
+                    sides.append(recorded.total(starts[g.name]))
                 for m in v:
                     named[m].copy_(kept[m])
                 c[g.name] += (sides[0] + sides[1] - 2.0 * centre) / (h * h * n)

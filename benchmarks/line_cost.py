@@ -1,0 +1,211 @@
+"""What `soir rank --score soir-line` costs against `--score soir`, and how far its line search
+(recorded forwards, blocks below a group replayed, secant + Brent steps; `soir.linesearch`)
+agrees with the reference path it replaced (full forwards, ×4 bracket from Δ/a, bisection).
+
+On the testbed of `soir demo` (its finetuned model and data), per granularity, in this process
+and back to back: `rank` with `--score soir` (its default curvature), then with `--score
+soir-line`; then `reference_line_quantities` on the same batches, on every group (tensor) or on
+`--reference-groups` groups spread over the table (neuron: its time is that per group × the
+groups). Agreement: relative differences of η and of the retain damage (the score) between the
+two paths, over the groups both reach, the groups only one reaches, and Spearman over the
+groups; at tensor granularity also against the reference bisected to its end (`--converged`
+evaluations), which says which of the two is off. Evaluations: forget-split forwards per group
+(the new path's are counted on the groups the reference runs on; the reference's are 12, 10 for
+a group that cannot reach Δ).
+
+Targets (docs/design.md §5, issue 20): soir-line ≤ 1.5 × soir's rank time at tensor
+granularity; ≤ 5 minutes at neuron granularity (1,550 groups) on 2 cores.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/line_cost.py --testbed demo-out --out benchmarks/results
+
+Writes line_cost.{csv,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"tensor": ("ratio", 1.5), "neuron": ("seconds", 300.0)}
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a - b) / np.maximum(np.abs(b), 1e-12)
+
+
+def agreement(new: pd.DataFrame, ref: pd.DataFrame, label: str) -> dict:
+    """η and damage differences of `new` against `ref` (columns eta, damage), over shared groups."""
+    from scipy.stats import spearmanr
+
+    new = new.loc[ref.index]
+    both = np.isfinite(new["eta"]) & np.isfinite(ref["eta"])
+    eta = relative(new["eta"][both].to_numpy(), ref["eta"][both].to_numpy())
+    damage = relative(new["damage"][both].to_numpy(), ref["damage"][both].to_numpy())
+    score = lambda t: t["damage"].where(np.isfinite(t["eta"]), 1e30)  # noqa: E731  (unreachable ranks last)
+    return {f"{label}_groups": int(len(ref)), f"{label}_both_reach": int(both.sum()),
+            f"{label}_reach_differs": int((np.isfinite(new["eta"]) != np.isfinite(ref["eta"])).sum()),
+            f"{label}_eta_rel_max": float(eta.max(initial=0.0)), f"{label}_eta_rel_median": float(np.median(eta)) if len(eta) else 0.0,
+            f"{label}_damage_rel_max": float(damage.max(initial=0.0)),
+            f"{label}_damage_rel_median": float(np.median(damage)) if len(damage) else 0.0,
+            f"{label}_spearman_score": float(spearmanr(score(new), score(ref)).statistic) if len(ref) > 2 else math.nan}
+
+
+def run(testbed: Path, granularities, threads: int, reference_groups: int, converged: int, delta: float):
+    import torch
+
+    from soir.data import encode, pad_id, read_split, split_batches
+    from soir.gradients import mean_gradient
+    from soir.groups import parameter_groups
+    from soir.linesearch import line_quantities, reference_line_quantities
+    from soir.models import load_model, load_tokenizer
+    from soir.ranking import RankSettings, rank
+
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(testbed / "data" / "tokenizer")
+    model = load_model(testbed / "finetuned", tokenizer, eager_attention=True, dtype="float32")
+    pad = pad_id(tokenizer)
+    splits = {s: encode(read_split(testbed / "data" / f"{s}.parquet"), tokenizer) for s in ("forget", "retain")}
+    rows, details, summary = [], [], {}
+    for granularity in granularities:
+        times = {}
+        tables = {}
+        for score in ("soir", "soir-line"):
+            settings = RankSettings(score=score, granularity=granularity, delta=delta)
+            started = time.perf_counter()
+            ranking = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False)
+            times[score] = time.perf_counter() - started
+            stages = ranking.info["timings_s"]
+            tables[score] = ranking.table.set_index("group")
+            print(f"{granularity}: rank --score {score}: {times[score]:.1f} s {ranking.info['timings_s']}", flush=True)
+            n_groups = ranking.info["n_groups"]
+        # the reference on the same batches as rank's (RankSettings' defaults)
+        settings = RankSettings(granularity=granularity)
+        forget = split_batches(splits["forget"], pad, settings.batch_size, None, settings.seed, shard=True)
+        retain = split_batches(splits["retain"], pad, settings.batch_size, None, settings.seed + 1, shard=True)
+        groups = parameter_groups(model, granularity, settings.norms)
+        names = list(dict.fromkeys(n for g in groups for n in g.param_names))
+        direction = mean_gradient(model, forget, names)
+        sample = groups if len(groups) <= reference_groups else groups[:: math.ceil(len(groups) / reference_groups)]
+        started = time.perf_counter()
+        ref = reference_line_quantities(model, forget, retain, sample, direction, delta)
+        ref_s = time.perf_counter() - started
+        counts: dict[str, int] = {}
+        line_quantities(model, forget, retain, sample, direction, delta, counts=counts)
+        line = tables["soir-line"].rename(columns={"retain_damage": "damage"})[["eta", "damage"]]
+        reference = pd.DataFrame({name: {"eta": float(v[0]), "damage": float(v[2])} for name, v in ref.items()}).T
+        stats = agreement(line, reference, "vs_reference")
+        extrapolated = len(sample) < len(groups)
+        reference_s = ref_s * len(groups) / len(sample)
+        conv = None
+        if converged and not extrapolated:
+            conv = reference_line_quantities(model, forget, retain, sample, direction, delta, evaluations=converged)
+            conv = pd.DataFrame({name: {"eta": float(v[0]), "damage": float(v[2])} for name, v in conv.items()}).T
+            stats |= agreement(line, conv, "new_vs_converged") | agreement(reference, conv, "reference_vs_converged")
+        for name in reference.index:
+            details.append({"granularity": granularity, "group": name, "eta_new": line.loc[name, "eta"], "eta_reference": reference.loc[name, "eta"],
+                            "damage_new": line.loc[name, "damage"], "damage_reference": reference.loc[name, "damage"],
+                            "eta_converged": math.nan if conv is None else conv.loc[name, "eta"],
+                            "damage_converged": math.nan if conv is None else conv.loc[name, "damage"],
+                            "evaluations_new": counts[name]})
+        reference_rank_s = reference_s + stages["setup"] + stages["mean_gradients"]  # rank with the reference line search
+        target_kind, target = TARGETS.get(granularity, ("ratio", math.nan))
+        measured = times["soir-line"] / times["soir"] if target_kind == "ratio" else times["soir-line"]
+        summary[granularity] = {"n_groups": n_groups, "soir_s": times["soir"], "soir_line_s": times["soir-line"],
+                                "soir_line_over_soir": times["soir-line"] / times["soir"],
+                                "reference_line_search_s": reference_s, "reference_rank_s": reference_rank_s,
+                                "reference_extrapolated_from_groups": len(sample) if extrapolated else None,
+                                "line_search_s": stages["line_search"], "line_search_over_reference": stages["line_search"] / reference_s,
+                                "evaluations_new_mean": float(np.mean(list(counts.values()))),
+                                "evaluations_reference_mean": float(np.mean([12 if math.isfinite(v) else 10 for v in reference["eta"]])),
+                                "target": f"{'soir-line / soir' if target_kind == 'ratio' else 'soir-line seconds'} ≤ {target:g}",
+                                "target_met": bool(measured <= target), **stats}
+        print(granularity, json.dumps(summary[granularity], default=float), flush=True)
+        for path, seconds in (("soir", times["soir"]), ("soir-line", times["soir-line"]), ("soir-line reference", reference_rank_s)):
+            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2),
+                         "extrapolated": bool(path == "soir-line reference" and extrapolated),
+                         "over_soir": round(seconds / times["soir"], 3)})
+    return rows, details, summary
+
+
+def plot(table: pd.DataFrame, details: pd.DataFrame, summary: dict, threads: int, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
+
+    fig, axes = new_figure((15, 4.6), ncols=3)
+    granularities = list(dict.fromkeys(table["granularity"]))
+    paths = ["soir", "soir-line", "soir-line reference"]
+    width = 0.8 / len(paths)
+    for i, name in enumerate(paths):
+        part = table[table["path"] == name].set_index("granularity").loc[granularities]
+        bars = axes[0].bar(np.arange(len(granularities)) + (i - 1) * width, part["seconds"], width,
+                           label=name + (" (extrapolated at neuron)" if part["extrapolated"].any() else ""))
+        for bar, over in zip(bars, part["over_soir"]):
+            axes[0].annotate(f"{over:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    for j, g in enumerate(granularities):
+        kind, target = TARGETS.get(g, ("ratio", math.nan))
+        level = target * summary[g]["soir_s"] if kind == "ratio" else target
+        axes[0].hlines(level, j - 0.45, j + 0.45, colors="k", linestyles=":", label="target" if j == 0 else None)
+    axes[0].set(xticks=np.arange(len(granularities)), xticklabels=[f"{g}\n({summary[g]['n_groups']} groups)" for g in granularities],
+                yscale="log", ylabel="rank time (s)", title=f"soir rank time, {threads} thread(s)")
+    bins = np.arange(0.5, 13.5)
+    for g in granularities:
+        part = details[details["granularity"] == g]
+        axes[1].hist(part["evaluations_new"], bins=bins, alpha=0.6, label=f"{g}: mean {part['evaluations_new'].mean():.1f}")
+    axes[1].axvline(12, color="k", ls=":", label="reference: 12 (10 when unreachable)")
+    axes[1].set(xlabel="forget-split forwards per group", ylabel="groups", title="line search evaluations (new path)")
+    for g in granularities:
+        part = details[(details["granularity"] == g) & np.isfinite(details["eta_new"]) & np.isfinite(details["eta_reference"])]
+        truth = part["damage_converged"] if part["damage_converged"].notna().all() else None
+        against = truth if truth is not None else part["damage_reference"]
+        axes[2].scatter(against, relative(part["damage_new"].to_numpy(), against.to_numpy()) + 1e-12, s=14,
+                        label=f"{g}: new path vs {'converged reference' if truth is not None else 'reference'}")
+        if truth is not None:
+            axes[2].scatter(truth, relative(part["damage_reference"].to_numpy(), truth.to_numpy()) + 1e-12, s=14, marker="x",
+                            label=f"{g}: reference (12 forwards) vs converged")
+    axes[2].set(yscale="log", xlabel="retain damage (nats)", ylabel="relative difference of the score",
+                title="score agreement")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("soir-line: recorded forwards + secant/Brent steps against full forwards + bisection")
+    save_figure(fig, path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", default=str(ROOT / "demo-out"), help="a `soir demo` output (finetuned/, data/)")
+    p.add_argument("--granularities", nargs="+", default=["tensor", "neuron"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--delta", type=float, default=1.0)
+    p.add_argument("--reference-groups", type=int, default=48, help="groups the reference runs on where there are more (default: 48)")
+    p.add_argument("--converged", type=int, default=40, help="evaluations of the converged reference at tensor granularity (0: skip)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    rows, details, summary = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged, args.delta)
+    from soir.runtime import versions
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, details = pd.DataFrame(rows), pd.DataFrame(details)
+    table.to_csv(out / "line_cost.csv", index=False)
+    meta = {"command": " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv]), "testbed": str(args.testbed), "threads": args.threads,
+            "delta": args.delta, "granularities": summary, "seconds": time.perf_counter() - started, "versions": versions(),
+            "groups": details.to_dict(orient="records")}
+    (out / "line_cost.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    plot(table, details, summary, args.threads, out / "line_cost.png")
+    print(f"wrote {out}/line_cost.csv, .json, .png ({meta['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
