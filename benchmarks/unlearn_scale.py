@@ -108,7 +108,13 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
             command += ["--lora-rank", str(args.lora_rank)]
         if checkpointing:
             command.append("--gradient-checkpointing")
-        rss, wall = peak_rss_mb(command)
+        try:
+            rss, wall = peak_rss_mb(command)
+        except RuntimeError as error:  # e.g. killed for memory: a run that does not fit is a result, not a crash
+            rows.append({"size": size, "dtype": dtype, "mask": spec, "n_params": info["n_params"], "steps": args.steps,
+                         "batch_size": args.batch_size, "baseline_rss_mib": round(base_rss), "status": "failed: " + str(error).rsplit(" failed with ", 1)[-1]})
+            print(f"{size} {dtype} {spec}: {rows[-1]['status']}", file=sys.stderr)
+            continue
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         seconds = [r["seconds"] for r in log]
         n = info["n_params"]
@@ -125,7 +131,7 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
             "n_trained": trained, "lora_rank": args.lora_rank if kind in LORA_MASKS else 0, "steps": args.steps, "batch_size": args.batch_size,
             "seconds_per_step": round((seconds[-1] - seconds[0]) / max(1, len(seconds) - 1), 3), "first_step_s": seconds[0],
             "wall_s": round(wall, 1), "model_mib": round(n * weight / 2**20), "baseline_rss_mib": round(base_rss), "peak_rss_mib": round(rss),
-            "extra_rss_mib": round(rss - base_rss), "predicted_extra_mib_without_activations": round(predicted / 2**20),
+            "extra_rss_mib": round(rss - base_rss), "predicted_extra_mib_without_activations": round(predicted / 2**20), "status": "ok",
         })
         print(f"{size} {dtype} {spec}: {rows[-1]['seconds_per_step']} s/step, extra {rows[-1]['extra_rss_mib']} MiB "
               f"(predicted without activations {rows[-1]['predicted_extra_mib_without_activations']})", file=sys.stderr)
@@ -135,19 +141,19 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
 def plot(table, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
-    labels = [f"{r['size']} {r['dtype']}\n{r['mask']}" + (f" r{int(r['lora_rank'])}" if r.get("lora_rank", 0) > 0 else "")
-              for _, r in table.iterrows()]
-    fig, (memory, time) = new_figure((11, 4.2), 2)
+    labels = [f"{r['size']} {r['dtype']} {r['mask']}" + (f" r{int(r['lora_rank'])}" if r.get("lora_rank", 0) > 0 else "")
+              + (f"\n{r['status']}" if isinstance(r.get("status"), str) and r["status"] != "ok" else "") for _, r in table.iterrows()]
+    fig, (memory, time) = new_figure((11, 5.2), 2)
     x = range(len(table))
     memory.bar([i - 0.2 for i in x], table["extra_rss_mib"] / 1024, width=0.4, label="measured peak RSS beyond the loaded model")
     memory.bar([i + 0.2 for i in x], table["predicted_extra_mib_without_activations"] / 1024, width=0.4,
                label="predicted: grads + AdamW + masters + reference (LoRA: adapters + grads + AdamW)")
-    memory.set_xticks(list(x), labels, fontsize=7)
+    memory.set_xticks(list(x), labels, fontsize=6, rotation=60, ha="right")
     memory.set_ylabel("GiB")
-    memory.legend(fontsize=7)
+    memory.legend(fontsize=7, loc="upper left")
     memory.set_title("memory of masked NPO unlearning")
     time.bar(list(x), table["seconds_per_step"])
-    time.set_xticks(list(x), labels, fontsize=7)
+    time.set_xticks(list(x), labels, fontsize=6, rotation=60, ha="right")
     time.set_ylabel("seconds per step (2 CPU cores)")
     time.set_title("time per step")
     save_figure(fig, path)
