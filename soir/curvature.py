@@ -193,11 +193,17 @@ def sample_labels(model: nn.Module, batch: Batch, generator: torch.Generator) ->
     """
     batch = to_device(batch, device_of(model))
     with eval_mode(model, no_grad=True):
-        logits = lm_logits(model, batch)[:, :-1]
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    probs = torch.softmax(logits[mask].double(), dim=-1)
-    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    labels = batch["labels"].clone()
+        logits = lm_logits(model, batch)
+    return draw_labels(logits, batch["labels"], generator)
+
+
+def draw_labels(logits: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`sample_labels` from logits (B, L, V) at hand: (new labels, labelled tokens per example)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1][mask].double(), dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    labels = labels.clone()
     labels[:, 1:][mask] = drawn.to(labels.dtype)
     return labels, mask.sum(1)
 
@@ -642,3 +648,15 @@ CURVATURES.register("ggn", CurvatureMethod(
         model, batches, groups, vectors, sketch=options.sketch, k=options.dim, seed=options.seed, samples=options.ggn_samples, bar=bar),
     lambda n_groups, n_batches, options: options.ggn_samples * n_batches, "batch"),
     help="Gauss–Newton / true Fisher from gradients of model-sampled labels (sketched with --sketch)")
+
+
+def _kfac_forms(model, batches, groups, vectors, options, bar, loss_fn):
+    from soir.kfac import kfac_quadratic_forms  # soir.kfac builds on this module
+
+    return kfac_quadratic_forms(model, batches, groups, vectors, samples=options.ggn_samples, seed=options.seed, bar=bar)
+
+
+CURVATURES.register("kfac", CurvatureMethod(_kfac_forms, lambda n_groups, n_batches, options: options.ggn_samples * n_batches, "batch"),
+                    help="Kronecker-factored Gauss–Newton (KFAC, sampled labels): per linear module input and output-gradient "
+                         "second moments from one forward and backward per batch, every group's form in closed form; "
+                         "the cost does not grow with the number of groups")
