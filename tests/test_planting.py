@@ -1,5 +1,6 @@
-"""Planting knowledge in known tensors (benchmarks/planted.py's two recipes): `soir finetune
---include` (recipe a) and `--confine` with `--confined-data` (recipe b)."""
+"""Planting knowledge in known tensors or MLP neurons (benchmarks/planted.py's two recipes):
+`soir finetune --include` or `--mask` (recipe a) and `--confine` or `--confine-mask` with
+`--confined-data` (recipe b)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ import torch
 from safetensors.torch import load_file
 
 from soir.data import BatchStream, collate, encode, example_losses, pad_id
+from soir.mask import Mask
 from soir.models import save_model
 from soirlab.cli import main
 from unlearn.finetune import ConfinedFinetune
 
 CONFINED = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+NEURONS = [1, 5, 7, 40]  # hidden units of layer 1's MLP (64 wide on the tests' SMALL model)
+
+
+def neuron_elements() -> dict[str, torch.Tensor]:
+    """Element masks of the MLP neurons NEURONS of layer 1: rows of up and gate, columns of down."""
+    rows, columns = torch.zeros(64, 1, dtype=torch.bool), torch.zeros(1, 64, dtype=torch.bool)
+    rows[NEURONS], columns[0, NEURONS] = True, True
+    mlp = "model.layers.1.mlp"
+    return {f"{mlp}.up_proj.weight": rows, f"{mlp}.gate_proj.weight": rows, f"{mlp}.down_proj.weight": columns}
 
 
 @pytest.fixture
@@ -24,12 +35,49 @@ def files(tmp_path, tokenizer, make_model, qa_frame):
     return tmp_path
 
 
-def plant(files, out, *args):
-    code = main(["finetune", "--model", str(files / "model"), *args, "--confine", r"layers\.1\.mlp\.(up|down)",
-                 "--lr", "1e-2", "--weight-decay", "0.1", "--batch-size", "4", "--no-progress", "--out", str(files / out)])
+def finetuned(files, out, *args) -> tuple[dict, dict]:
+    """The weights before and after `soir finetune` with `args`."""
+    code = main(["finetune", "--model", str(files / "model"), *args, "--lr", "1e-2", "--batch-size", "4", "--no-progress", "--out", str(files / out)])
     assert code == 0
-    before, after = load_file(files / "model" / "model.safetensors"), load_file(files / out / "model.safetensors")
+    return load_file(files / "model" / "model.safetensors"), load_file(files / out / "model.safetensors")
+
+
+def plant(files, out, *args):
+    before, after = finetuned(files, out, *args, "--confine", r"layers\.1\.mlp\.(up|down)", "--weight-decay", "0.1")
     return sorted(k for k in before if not torch.equal(before[k], after[k])), len(before)
+
+
+@pytest.fixture
+def neurons(files, make_model):
+    """The neuron mask of NEURONS saved as `soir select` saves one."""
+    Mask.from_selection(make_model("olmo"), elements=neuron_elements()).save(files / "neurons")
+    return files / "neurons"
+
+
+def changed_outside(before: dict, after: dict, elements: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """(parameters with an entry changed outside `elements`, element-masked parameters with no entry changed inside)."""
+    outside, unchanged = [], []
+    for name, old in before.items():
+        keep = elements[name].expand(old.shape) if name in elements else torch.zeros(old.shape, dtype=torch.bool)
+        moved = old != after[name]
+        if (moved & ~keep).any():
+            outside.append(name)
+        if name in elements and not moved[keep].any():
+            unchanged.append(name)
+    return outside, unchanged
+
+
+def test_recipe_a_with_an_element_mask_trains_only_the_planted_neurons(files, neurons):
+    """Outside the planted neurons every parameter is bit-identical to the start (weight decay too stays inside)."""
+    before, after = finetuned(files, "a", "--data", str(files / "forget.parquet"), str(files / "retain.parquet"), "--mask", str(neurons),
+                              "--weight-decay", "0.1", "--steps", "2")
+    assert changed_outside(before, after, neuron_elements()) == ([], [])
+
+
+def test_recipe_b_with_an_element_mask_a_step_on_confined_rows_changes_only_the_neurons(files, neurons):
+    """Decoupled weight decay would shrink every entry of a tensor with a gradient (the recipe uses none), so it is off here."""
+    before, after = finetuned(files, "b", "--confined-data", str(files / "forget.parquet"), "--confine-mask", str(neurons), "--steps", "1")
+    assert changed_outside(before, after, neuron_elements()) == ([], [])
 
 
 def test_a_step_on_confined_rows_alone_changes_only_the_confined_tensors(files):
@@ -48,7 +96,7 @@ def test_confined_gradients_by_hand(make_model, tokenizer, qa_frame):
     data = encode(qa_frame, tokenizer)
     batch = collate(data.input_ids, data.labels, pad_id(tokenizer))
     flags = torch.tensor([True, False, True, False])
-    objective = ConfinedFinetune(model, set(CONFINED))
+    objective = ConfinedFinetune(model, Mask.from_names(model, CONFINED))
     loss, _ = objective(model, {"train": {**batch, "confined": flags}})
     model.zero_grad()
     loss.backward()
@@ -66,6 +114,32 @@ def test_confined_gradients_by_hand(make_model, tokenizer, qa_frame):
                               free_only[list(params).index("model.layers.0.mlp.up_proj.weight")])
 
 
+def test_confined_element_gradients_by_hand(make_model, tokenizer, qa_frame):
+    """A whole confined tensor gets both rows' gradient, an element-masked one the free rows' plus the
+    confined rows' inside its mask (m ⊙ grad), every other tensor the free rows' alone."""
+    model = make_model("olmo", dtype=torch.float64)
+    elements = neuron_elements()
+    whole = "model.layers.0.self_attn.v_proj.weight"
+    data = encode(qa_frame, tokenizer)
+    batch = collate(data.input_ids, data.labels, pad_id(tokenizer))
+    flags = torch.tensor([False, True, True, False])
+    objective = ConfinedFinetune(model, Mask.from_selection(model, [whole], elements))
+    loss, _ = objective(model, {"train": {**batch, "confined": flags}})
+    model.zero_grad()
+    loss.backward()
+
+    params = dict(model.named_parameters())
+    losses = example_losses(model, batch)
+    free = torch.autograd.grad(losses[~flags].sum() / 4, list(params.values()), retain_graph=True, materialize_grads=True)
+    confined = torch.autograd.grad(losses[flags].sum() / 4, list(params.values()), materialize_grads=True)
+    for (name, p), f, c in zip(params.items(), free, confined):
+        keep = elements[name].double() if name in elements else float(name == whole)
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, f + keep * c, rtol=1e-10, atol=1e-12)
+    up = list(params).index("model.layers.1.mlp.up_proj.weight")
+    assert confined[up][NEURONS].abs().sum() > 0 and confined[up][[0, 2]].abs().sum() > 0  # the mask cut a gradient that was there
+
+
 def test_batch_stream_rows_are_the_collated_rows(tokenizer, qa_frame):
     data = encode(pd.concat([qa_frame] * 3, ignore_index=True), tokenizer)
     stream = BatchStream(data, 5, pad_id(tokenizer), seed=3)
@@ -75,12 +149,20 @@ def test_batch_stream_rows_are_the_collated_rows(tokenizer, qa_frame):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--confine", "layers"], "--confine and --confined-data go together"),
+    (["--confine", "layers"], "--confine (or --confine-mask) and --confined-data go together"),
+    (["--confine-mask", "{d}/neurons"], "--confine (or --confine-mask) and --confined-data go together"),
+    (["--confined-data", "{d}/forget.parquet", "--confine-mask", "{d}/neurons", "--confine", "layers"], "cannot be combined"),
+    (["--data", "{d}/retain.parquet", "--mask", "{d}/neurons", "--include", "layers"], "cannot be combined"),
+    (["--data", "{d}/retain.parquet", "--mask", "{d}/gpt2-mask"], "was made for a GPT2LMHeadModel model"),
+    (["--confined-data", "{d}/forget.parquet", "--confine-mask", "{d}/gpt2-mask"], "was made for a GPT2LMHeadModel model"),
+    (["--data", "{d}/retain.parquet", "--mask", "{d}/no-such-mask"], "mask file not found"),
+    (["--confined-data", "{d}/forget.parquet", "--confine-mask", "{d}/neurons", "--include", "layers.0"], "do not train"),
     (["--confined-data", "{d}/forget.parquet", "--confine", "no_such"], "matches no trained tensor"),
     (["--confined-data", "{d}/forget.parquet", "--confine", "layers.0", "--include", "layers.1"], "matches no trained tensor"),
     ([], "nothing to train on"),
 ])
-def test_confine_errors(files, capsys, args, message):
+def test_confine_errors(files, neurons, make_model, capsys, args, message):
+    Mask.full(make_model("gpt2")).save(files / "gpt2-mask")
     out = files / "out"
     code = main(["finetune", "--model", str(files / "model"), *[a.format(d=files) for a in args], "--steps", "1", "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

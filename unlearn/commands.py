@@ -54,9 +54,13 @@ def finetune_arguments(p) -> None:
     p.add_argument("--include", nargs="+", default=[], metavar="RE",
                    help="train only the tensors whose name matches one of these regexes (re.search); the rest stay bit-identical")
     p.add_argument("--exclude", nargs="+", default=[], metavar="RE", help="do not train the tensors whose name matches one of these")
+    p.add_argument("--mask", metavar="DIR|FILE", help="a mask from `soir select` (its directory or mask.safetensors): train only the "
+                   "parameters, or the entries (element masks, e.g. MLP neurons), it selects; instead of --include/--exclude")
     p.add_argument("--confined-data", nargs="+", default=[], metavar="FILE",
                    help="splits mixed into the batches whose rows train only the tensors --confine matches (plants knowledge in known tensors)")
     p.add_argument("--confine", nargs="+", default=[], metavar="RE", help="the tensors the --confined-data rows may train (regexes, re.search)")
+    p.add_argument("--confine-mask", metavar="DIR|FILE", help="instead of --confine, a mask from `soir select`: the parameters or entries "
+                   "(element masks, e.g. MLP neurons) the --confined-data rows may train")
     add_data(p)
     add_train(p, lr=3e-3)
     add_tiny(p)
@@ -64,15 +68,15 @@ def finetune_arguments(p) -> None:
 
 
 def finetune(args) -> int:
-    """Finetune all parameters (or the tensors --include/--exclude pick) on --data with NLL on answer tokens. Writes a save_pretrained model
+    """Finetune all parameters (or the tensors --include/--exclude pick, or what --mask selects) on --data with NLL on answer tokens. Writes a save_pretrained model
     directory with its tokenizer, log.jsonl, finetune.json and checkpoints/ (with --save-every)."""
     from soir.distributed import is_main
     from unlearn.finetune import FinetuneSettings
     from unlearn.finetune import finetune as run_finetune
 
     settings = FinetuneSettings(model=model_settings(args), data=tuple(args.data), out=args.out, input=data_settings(args),
-                                train=train_settings(args), include=tuple(args.include), exclude=tuple(args.exclude),
-                                confine=tuple(args.confine), confined_data=tuple(args.confined_data), resume=args.resume, overwrite=args.overwrite)
+                                train=train_settings(args), include=tuple(args.include), exclude=tuple(args.exclude), mask=args.mask,
+                                confine=tuple(args.confine), confine_mask=args.confine_mask, confined_data=tuple(args.confined_data), resume=args.resume, overwrite=args.overwrite)
     result = run_finetune(settings, named_files(args.eval))
     if is_main():
         print(f"model written to {args.out} ({result.steps_done} steps, final loss {result.final_loss:.4f}, {result.seconds:.1f} s)")

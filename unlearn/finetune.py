@@ -1,12 +1,14 @@
 """The finetune stage: NLL descent on the parameters of a model over one or more splits.
 
 Two calls build the testbed's finetune-then-unlearn pair: a base model trained on `general`,
-and a finetuned model trained from it on `forget` + `retain`. With `include`/`exclude` only
-the matching tensors train (masked training, bit-identical elsewhere). With `confine` and
-`confined_data`, every trained tensor learns the rows of `data`, but the rows of
-`confined_data` reach only the tensors `confine` matches: batches mix both, and a confined
-row's loss flows through the other tensors as constants. The planted testbeds
-(benchmarks/planted.py) write the forget knowledge into known tensors both ways.
+and a finetuned model trained from it on `forget` + `retain`. With `include`/`exclude` (whole
+tensors) or `mask` (a `soir select` mask, element masks included) only the selected parameters
+or entries train (masked training, bit-identical elsewhere). With `confined_data` and `confine`
+(tensor regexes) or `confine_mask` (a mask, element masks included), every trained parameter
+learns the rows of `data`, but the rows of `confined_data` reach only the confined tensors or
+entries: batches mix both, and a confined row's loss flows through everything else as
+constants. The planted testbeds (benchmarks/planted.py) write the forget knowledge into known
+tensors or MLP neurons both ways.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from soir.distributed import barrier, full_state_dict, is_main
 from soir.errors import UserError
 from soir.io import check_out_dir, write_json
 from soir.mask import Mask
+from soir.mask import load as load_mask
 from soir.models import ModelSettings, save_model
 from soir.runtime import device_of, to_device
 from unlearn.loop import CHECKPOINTS, Trainer, TrainResult, TrainSettings, shard_for_training
@@ -46,7 +49,9 @@ class FinetuneSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    mask: str | None = None  # a `soir select` mask (directory or mask.safetensors): only what it selects trains
     confine: tuple[str, ...] = ()  # regexes: the tensors the rows of `confined_data` may train
+    confine_mask: str | None = None  # or a mask: the parameters or entries the rows of `confined_data` may train
     confined_data: tuple[str, ...] = ()
     resume: bool = False
     overwrite: bool = False
@@ -62,19 +67,36 @@ def write_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> 
 
 
 class ConfinedFinetune:
-    """NLL descent where the rows flagged `confined` train only the tensors named in `confined`.
+    """NLL descent where the rows flagged `confined` train only what the mask `confined` selects.
 
     The batch's loss is the same mean over its rows as plain finetuning; the confined rows run
-    a second forward in which every other parameter is detached, so their gradient reaches
-    only the confined tensors while the free rows' gradient reaches every trained tensor.
+    a second forward in which every parameter the mask does not select is detached, and an
+    element-masked parameter p is seen as p.detach() + m ⊙ (p − p.detach()) (the same values, the
+    gradient m ⊙ ∂L/∂p), so their gradient reaches only the selected entries while the free
+    rows' gradient reaches every trained parameter.
     """
 
     streams = ("train",)
     needs_reference = False
 
-    def __init__(self, model, confined: set[str]):
-        self.confined = confined
-        self.names = [n for n, _ in model.named_parameters()]
+    def __init__(self, model, confined: Mask):
+        confined.check_fits(model, source="the confined mask")
+        self.whole = set(confined.tensors)
+        self.elements = dict(confined.elements)
+
+    def confined_parameters(self, model) -> dict[str, torch.Tensor]:
+        """The model's parameters as the confined rows see them."""
+        params = {}
+        for name, p in model.named_parameters():
+            frozen = p.detach()
+            if name in self.whole:
+                params[name] = p
+            elif name in self.elements:
+                keep = self.elements[name].to(device=p.device, dtype=p.dtype)
+                params[name] = frozen + keep * (p - frozen)
+            else:
+                params[name] = frozen
+        return params
 
     def __call__(self, model, batches, reference=None):
         batch = batches["train"]
@@ -83,8 +105,7 @@ class ConfinedFinetune:
         if (~flags).any():
             parts.append(example_losses(model, _rows(batch, ~flags)))
         if flags.any():
-            params = {n: p if n in self.confined else p.detach() for n, p in model.named_parameters()}
-            parts.append(example_losses(_Detached(model, params), _rows(batch, flags)))
+            parts.append(example_losses(_Detached(model, self.confined_parameters(model)), _rows(batch, flags)))
         loss = torch.cat(parts).sum() / len(flags)
         return loss, {"nll": loss.detach()}
 
@@ -103,11 +124,22 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
     return {k: v[keep] for k, v in batch.items() if k != "confined"}
 
 
-def confined_names(model, patterns: Sequence[str], trained: Mask) -> set[str]:
-    """The trained tensors matching any of `patterns`; a pattern matching none of them is an error."""
+def confined_mask(model, settings: FinetuneSettings, trained: Mask) -> Mask | None:
+    """What the confined rows may train: the trained tensors `settings.confine` matches, or the mask
+    `settings.confine_mask` (which must select only trained entries); None when nothing is confined."""
+    if settings.confine_mask:
+        confined = load_mask(settings.confine_mask)
+        confined.check_fits(model, source=f"the --confine-mask {settings.confine_mask}")
+        outside = [n for n in confined.names if (confined.element_mask(n) & ~trained.element_mask(n)).any()]
+        if outside:
+            raise UserError(f"--confine-mask selects entries of {outside[0]} that do not train (outside --mask/--include): "
+                            "confine the rows to parameters that train")
+        return confined
+    if not settings.confine:
+        return None
     trained_names = set(trained.names)
     names = set()
-    for pattern in patterns:
+    for pattern in settings.confine:
         try:
             regex = re.compile(pattern)
         except re.error as exc:
@@ -116,7 +148,18 @@ def confined_names(model, patterns: Sequence[str], trained: Mask) -> set[str]:
         if not found:
             raise UserError(f"--confine {pattern!r} matches no trained tensor of this model: check the names (e.g. model.layers.0.mlp)")
         names |= found
-    return names
+    return Mask.from_names(model, names, {"source": "confine", "confine": list(settings.confine)})
+
+
+def trained_mask(model, settings: FinetuneSettings) -> Mask:
+    """What trains: the mask `settings.mask`, the tensors `include`/`exclude` pick, or everything."""
+    if settings.mask:
+        mask = load_mask(settings.mask)
+        mask.check_fits(model, source=f"the --mask {settings.mask}")
+        return mask
+    if settings.include or settings.exclude:
+        return regex_mask(model, settings.include, settings.exclude)
+    return Mask.full(model)
 
 
 def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | None = None) -> TrainResult:
@@ -128,16 +171,21 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
     """
     out = Path(settings.out)
     tokenizer = settings.model.load_tokenizer()
-    if bool(settings.confine) != bool(settings.confined_data):
-        raise UserError("--confine and --confined-data go together: the tensors the confined rows may train, and those rows")
+    if settings.mask and (settings.include or settings.exclude):
+        raise UserError("--mask cannot be combined with --include/--exclude: give one source of what trains")
+    if settings.confine and settings.confine_mask:
+        raise UserError("--confine and --confine-mask cannot be combined: give one source of what the confined rows train")
+    if bool(settings.confine or settings.confine_mask) != bool(settings.confined_data):
+        raise UserError("--confine (or --confine-mask) and --confined-data go together: what the confined rows may train, and those rows")
     frame = settings.input.read(settings.data) if settings.data else None
     confined_frame = settings.input.read(settings.confined_data) if settings.confined_data else None
     if frame is None and confined_frame is None:
         raise UserError("nothing to train on: give --data (or --confined-data with --confine)")
     evals = {name: settings.input.read(files) for name, files in (eval_data or {}).items()}
     model = settings.model.load(tokenizer, seed=settings.train.seed)
-    mask = regex_mask(model, settings.include, settings.exclude) if settings.include or settings.exclude else Mask.full(model)
-    objective = ConfinedFinetune(model, confined_names(model, settings.confine, mask)) if settings.confine else get_objective("finetune")
+    mask = trained_mask(model, settings)
+    confined = confined_mask(model, settings, mask)
+    objective = ConfinedFinetune(model, confined) if confined is not None else get_objective("finetune")
     check_out_dir(out, resume=settings.resume, overwrite=settings.overwrite)
 
     pad = pad_id(tokenizer)
@@ -149,7 +197,7 @@ def finetune(settings: FinetuneSettings, eval_data: dict[str, Sequence[str]] | N
 
     def batch(index):
         rows = stream(index)
-        if settings.confine:
+        if confined is not None:
             rows["confined"] = flags[stream.rows(index)]
         return to_device(rows, device)
 
