@@ -78,6 +78,25 @@ class TestbedRecipe:
                               real_forget=1, real_retain=1, real_holdout=1, vocab_size=400)
         return cls(synth=synth, size=TinySize(hidden=32, layers=2, heads=4, intermediate=64), base_steps=20, finetune_epochs=3.0, seed=seed)
 
+    @classmethod
+    def variant(cls, name: str, seed: int = 0) -> "TestbedRecipe":
+        """A named testbed for the evidence benchmarks, its data and training seeded by `seed`:
+
+        - `default`: the demo's testbed (3 blocks × 128);
+        - `deep`: the same recipe on 8 blocks;
+        - `brief`: a base pretrained 4× longer, then finetuned briefly at a third of the rate, as
+          real finetuning is: θ moves little relative to θ (default: Δ is of the order of θ).
+        """
+        default = cls(synth=SynthSettings(seed=seed), seed=seed)
+        variants = {
+            "default": default,
+            "deep": replace(default, size=replace(default.size, layers=8)),
+            "brief": replace(default, base_steps=4 * default.base_steps, lr=default.lr / 3, finetune_epochs=10.0),
+        }
+        if name not in variants:
+            raise UserError(f"unknown testbed variant {name!r}: use one of {', '.join(variants)}")
+        return variants[name]
+
     def finetune_data(self, data: Path) -> tuple[str, ...]:
         return tuple(str(data / f"{name}.parquet") for name in ("forget", "retain", "forget_phrasings", "retain_phrasings", "general"))
 
