@@ -56,7 +56,8 @@ def synth(args) -> int:
 # ---------------------------------------------------------------- soir rank
 
 
-RANK_FLAGS = ("granularity", "norms", "curvature", "memory_budget", "sketch", "dim", "batch_size", "max_examples", "include", "exclude")
+RANK_FLAGS = ("granularity", "norms", "curvature", "memory_budget", "sketch", "dim", "batch_size", "max_examples", "shortlist",
+              "shortlist_by", "include", "exclude")
 
 
 def rank_arguments(p) -> None:

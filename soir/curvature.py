@@ -595,17 +595,52 @@ def free_memory_bytes(device: torch.device) -> int:
         return 1 << 62  # unknown: no budget
 
 
-def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: float | None) -> tuple[str, str]:
-    """hvp when its estimated peak fits the budget (default 90% of the free memory), else fd
-    (float32 weights only: in bf16/fp16 fd's perturbation is below the rounding); with the
-    reason, for ranking.json."""
+def kfac_peak_bytes(model: nn.Module, batches: Sequence[Batch]) -> int:
+    """Estimated peak of `kfac`: the weights, a backward's activations (2 × a forward's: the graph
+    without weight gradients, plus the hooks' inputs) of the largest batch, and at most two
+    min(out, in)² factors per matrix module."""
+    from soir.kfac import matrix_modules  # soir.kfac builds on this module
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    element = torch.promote_types(dtype_of(model), torch.float32).itemsize
+    factors = sum(2 * min(m.weight.shape) ** 2 * element for _, m, layout in matrix_modules(model) if layout != "embedding")
+    largest = max(batches, key=lambda b: b["input_ids"].numel(), default=None)
+    active = 0 if largest is None else 2 * activation_bytes(model, largest["input_ids"].numel(), largest["input_ids"].shape[1])
+    return weights + active + factors
+
+
+# The cost model of the default choice, in gradient passes of both splits (benchmarks/scale.py, CPU):
+# hvp's create-graph pass plus one second backward per group, about half a pass on average (0.45–0.5
+# measured at 114 and 58 groups, more on the smallest models); kfac's one hooked forward and backward
+# per batch whatever the groups. hvp is exact, so it is kept while it costs at most EXACT_PREMIUM × kfac.
+HVP_FIXED_PASSES = 2.0
+HVP_PASSES_PER_GROUP = 0.5
+KFAC_PASSES = 2.5
+EXACT_PREMIUM = 3.0
+
+
+def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: float | None, n_groups: int) -> tuple[str, str]:
+    """The default curvature and why (for ranking.json): hvp when its estimated cost (gradient passes,
+    growing with the groups) is at most EXACT_PREMIUM × kfac's and its estimated peak fits the budget
+    (default 90% of the free memory); else kfac, whose cost does not grow with the groups, when its
+    peak fits; else fd (float32 weights only: in bf16/fp16 fd's perturbation is below the rounding),
+    else kfac, the smaller of the two peaks that remain."""
     budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * free_memory_bytes(device_of(model))
     need = hvp_peak_bytes(model, batches)
-    reason = f"hvp's estimated peak {need / 2**30:.2f} GiB {'fits' if need <= budget else 'exceeds'} the budget {budget / 2**30:.2f} GiB"
-    if need <= budget:
-        return "hvp", f"{reason}: hvp"
+    passes = HVP_FIXED_PASSES + HVP_PASSES_PER_GROUP * n_groups
+    cheap = passes <= EXACT_PREMIUM * KFAC_PASSES
+    cost = (f"{n_groups} groups: hvp's estimated {passes:.1f} gradient passes are {'within' if cheap else 'over'} "
+            f"{EXACT_PREMIUM:g} × kfac's {KFAC_PASSES:g}")
+    memory = f"hvp's estimated peak {need / 2**30:.2f} GiB {'fits' if need <= budget else 'exceeds'} the budget {budget / 2**30:.2f} GiB"
+    if cheap and need <= budget:
+        return "hvp", f"{cost} and {memory}: hvp"
+    kfac_need = kfac_peak_bytes(model, batches)
+    kfac_memory = f"kfac's estimated peak {kfac_need / 2**30:.2f} GiB {'fits' if kfac_need <= budget else 'exceeds'} it"
+    reason = f"{cost}, {memory}, {kfac_memory}"
+    if kfac_need <= budget:
+        return "kfac", f"{reason}: kfac"
     if dtype_of(model).itemsize < 4:
-        return "hvp", f"{reason}, but fd needs float32 weights: hvp (or give --dtype float32, or --curvature ggn --sketch factored)"
+        return "kfac", f"{reason}, and fd needs float32 weights: kfac (or give --dtype float32)"
     return "fd", f"{reason}: fd"
 
 

@@ -60,17 +60,20 @@ FORMAT = "soir-ranking"
 VERSION = 1
 BASE_COLUMNS = ("group", "layer", "kind", "role", "n_params", "tied", "score", "rank")
 SOIR_COLUMNS = SCORES["soir"].columns
+FIRST_STAGES = ("soir-slope", "soir")  # --shortlist-by: scores whose cost does not grow with the number of groups
+FIRST_STAGE_CURVATURE = "kfac"  # soir's curvature as a first stage, unless --curvature is given
 
 
 @dataclass
 class RankSettings:
-    """How to rank. `dim` is k per group; `curvature` None picks hvp (ggn for neuron groups)."""
+    """How to rank. `dim` is k per group; `curvature` None lets `choose_curvature` pick by cost and memory;
+    `shortlist` N ranks with soir-line only the N groups `shortlist_by` ranks best (`rank`)."""
 
     score: str = setting("soir", "the score to rank by", choices=SCORES)
     granularity: str = setting("tensor", "what a group is", choices=GRANULARITIES)
     norms: str = setting("join", "norm weights join the following linear group, are excluded, or stand alone", choices=NORMS)
-    curvature: str | None = setting(None, "how soir's c_f, c_r are computed (default: hvp, or fd when hvp's estimated peak "
-                                    "memory exceeds --memory-budget; ggn for neuron groups)", choices=CURVATURES)
+    curvature: str | None = setting(None, "how soir's c_f, c_r are computed (default: hvp for a few groups, kfac beyond, "
+                                    "whose cost does not grow with the groups; fd when neither fits --memory-budget)", choices=CURVATURES)
     memory_budget: float | None = setting(None, "GiB the default curvature may use (default: 90% of the device's free memory)",
                                           metavar="GIB")
     sketch: str = setting("none", "gradient compression", choices=SKETCHES)
@@ -78,7 +81,11 @@ class RankSettings:
     delta: float = setting(1.0, "soir's forget target: nats of forget-loss increase every group is asked for")
     lam: float = setting(0.1, "soir-datainf's damping factor")
     gamma: float = setting(1.0, "wagle's γ")
-    ggn_samples: int = setting(1, "label draws per example for ggn")
+    ggn_samples: int = setting(1, "label draws per example for ggn and kfac")
+    shortlist: int | None = setting(None, "with --score soir-line: run the line search on the N groups --shortlist-by ranks best "
+                                    "only; the others follow in that first stage's order (default: every group)", metavar="N")
+    shortlist_by: str = setting("soir-slope", "the first stage of --shortlist, a score whose cost does not grow with the groups "
+                                "(soir with --curvature kfac unless --curvature is given)", choices=FIRST_STAGES)
     batch_size: int = setting(32, "rows per batch")
     max_examples: int | None = setting(None, "use a seeded random subset of at most N rows per split (default: all)", metavar="N")
     seed: int = 0
@@ -92,8 +99,6 @@ class RankSettings:
             raise UserError(f"unknown --granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         if self.norms not in NORMS:
             raise UserError(f"unknown --norms {self.norms!r}: use one of {', '.join(NORMS)}")
-        if self.curvature is None and self.granularity == "neuron":
-            self.curvature = "ggn"
         if self.curvature is not None:
             CURVATURES.get(self.curvature)
         if self.memory_budget is not None and not self.memory_budget > 0:
@@ -111,6 +116,13 @@ class RankSettings:
             raise UserError(f"--max-examples must be at least 1, not {self.max_examples}")
         if self.ggn_samples < 1:
             raise UserError(f"ggn needs at least one label sample per example, not {self.ggn_samples}")
+        if self.shortlist is not None:
+            if self.score != "soir-line":
+                raise UserError(f"--shortlist runs soir-line's line search on a shortlist: give --score soir-line, or leave out --shortlist")
+            if self.shortlist < 1:
+                raise UserError(f"--shortlist must be a number of groups, at least 1, not {self.shortlist}")
+        if self.shortlist_by not in FIRST_STAGES:
+            raise UserError(f"unknown --shortlist-by {self.shortlist_by!r}: use one of {', '.join(FIRST_STAGES)}")
         if not score.sketchable and self.sketch != "none":
             raise UserError(f"--score {self.score} needs true parameter coordinates: use --sketch none")
 
@@ -213,6 +225,25 @@ def score_table(table: pd.DataFrame, quantities: Mapping, settings: RankSettings
     return table
 
 
+def shortlist_table(first: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
+    """The two-stage table: every group of `first` (the first stage's table), the shortlisted ones with
+    their `scored` score and rank 1..N, the others after them in the first stage's order with NaN
+    scores; `first_score`, `first_rank` and `shortlisted` say where each group came from."""
+    table = first[list(BASE_COLUMNS[:6])].copy()
+    scored = scored.set_index("group")
+    extra = [c for c in scored.columns if c not in BASE_COLUMNS[:6]]
+    for column in extra:
+        table[column] = table["group"].map(scored[column]).astype(np.float64 if column != "rank" else "Int64")
+    table["shortlisted"] = table["group"].isin(scored.index)
+    rest = first[~table["shortlisted"]].sort_values("rank", kind="stable")["group"]
+    later = {name: len(scored) + i + 1 for i, name in enumerate(rest)}
+    table["rank"] = [int(r) if s else later[g] for g, r, s in zip(table["group"], table["rank"], table["shortlisted"])]
+    table["rank"] = table["rank"].astype(np.int64)
+    table["first_score"] = first["score"].to_numpy()
+    table["first_rank"] = first["rank"].to_numpy()
+    return table
+
+
 # ---------------------------------------------------------------- ranking
 
 
@@ -240,14 +271,33 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1, shard=True) if needs_data else []
     choice = None
     if settings.curvature is None and {"c_f", "c_r"} & set(score.needs):
-        curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget)
+        curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget, len(groups))
         settings = replace(settings, curvature=curvature)
     setup = time.perf_counter() - started
 
-    quantities = GroupQuantities(model, groups, forget_batches, retain_batches, curvature=settings.curvature,
-                                 options=settings.curvature_options, base_model=base_model, loss_fn=loss_fn, progress=progress)
-    computed = quantities.compute(score.needs)
-    table = score_table(group_table(groups), computed, settings)
+    def quantities_of(chosen: list, stage: RankSettings) -> GroupQuantities:
+        return GroupQuantities(model, chosen, forget_batches, retain_batches, curvature=stage.curvature, options=stage.curvature_options,
+                               base_model=base_model, loss_fn=loss_fn, progress=progress)
+
+    shortlisted = None
+    if settings.shortlist is None:
+        quantities = quantities_of(groups, settings)
+        computed = quantities.compute(score.needs)
+        table = score_table(group_table(groups), computed, settings)
+        timings = quantities.timings
+    else:
+        first = replace(settings, score=settings.shortlist_by, shortlist=None, curvature=settings.curvature or FIRST_STAGE_CURVATURE)
+        first_quantities = quantities_of(groups, first)
+        first_table = score_table(group_table(groups), first_quantities.compute(get_score(first.score).needs), first)
+        best = set(first_table.sort_values("rank", kind="stable")["group"].head(settings.shortlist))
+        chosen = [g for g in groups if g.name in best]
+        quantities = quantities_of(chosen, settings)
+        computed = quantities.compute(score.needs)
+        table = shortlist_table(first_table, score_table(group_table(chosen), computed, settings))
+        timings = {**{f"first_stage_{k}": v for k, v in first_quantities.timings.items()}, **quantities.timings}
+        shortlisted = {"n": settings.shortlist, "scored": len(chosen), "first_stage": {"score": first.score, "curvature": first.curvature
+                                                                                       if {"c_f", "c_r"} & set(get_score(first.score).needs) else None},
+                       "unscored": "ranked after the scored groups in the first stage's order; score and the score's columns are NaN"}
 
     info = {
         "lower_is_better": score.lower_is_better,
@@ -259,12 +309,14 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         "threads": torch.get_num_threads(),
         "seeds": {"seed": settings.seed, "forget_subset": settings.seed, "retain_subset": settings.seed + 1,
                   "sketch_maps": settings.seed, "ggn_second_map": settings.seed + GGN_SECOND_MAP},
-        "timings_s": {k: round(v, 4) for k, v in {"setup": setup, **quantities.timings, "total": time.perf_counter() - started}.items()},
+        "timings_s": {k: round(v, 4) for k, v in {"setup": setup, **timings, "total": time.perf_counter() - started}.items()},
         "versions": versions(),
         "architecture": type(model).__name__,
     }
     if choice is not None:
         info["curvature_choice"] = choice
+    if shortlisted is not None:
+        info["shortlist"] = shortlisted
     saved = {k: v for k, v in computed.items() if k in SAVED} if keep_quantities else None
     return Ranking(table, settings, info, saved)
 

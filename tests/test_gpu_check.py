@@ -49,9 +49,11 @@ def test_tiny_check_records_every_stage(tmp_path, check):
     assert (tmp_path / "gpu_check.png").stat().st_size > 0
 
     ranks = table[table["stage"].str.startswith("rank-")]
-    whole = ranks["method"] == "ggn"
+    # ggn ranks every group, and so does soir-line through --shortlist (its line search on a shortlist only)
+    whole = ranks["method"].isin(["ggn", "soir-line"])
     assert (ranks.loc[whole, "n_groups"] == ranks.loc[whole, "n_groups_total"]).all()
-    # hvp, fd and soir-line rank the 7 tensors of the first and of the last block
+    assert ranks.loc[ranks["method"] == "soir-line", "note"].str.contains("--shortlist").all()
+    # hvp and fd rank the 7 tensors of the first and of the last block
     assert (ranks.loc[~whole, "n_groups"] == 14).all() and (ranks.loc[~whole, "n_groups_total"] > 14).all()
     # the extrapolation to every group adds the per-group cost of the groups left out
     rows = {(r["run"], r["stage"]): r for r in meta["rows"]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from soir.curvature import hvp_quadratic_forms, taylor_coefficients
+from soir.curvature import hvp_peak_bytes, hvp_quadratic_forms, kfac_peak_bytes, taylor_coefficients
 from soir.data import encode, pad_id, read_split, split_batches
 from soir.errors import UserError
 from soir.gradients import mean_gradient
@@ -52,7 +52,8 @@ def test_soir_ranking_table_files_and_order(testbed, tmp_path):
     pd.testing.assert_frame_equal(again.table, table, check_dtype=False)
     assert again.settings == ranking.settings
     meta = json.loads((tmp_path / "ranking.json").read_text())
-    assert meta["settings"]["score"] == "soir" and meta["settings"]["curvature"] == "hvp"
+    # 16 groups: hvp's cost (a second backward per group) is past the default's limit, kfac's is not
+    assert meta["settings"]["score"] == "soir" and meta["settings"]["curvature"] == "kfac" and meta["curvature_choice"].endswith(": kfac")
     assert {"torch", "transformers", "soir"} <= set(meta["versions"]) and meta["timings_s"]["total"] > 0
     assert meta["n_forget"] == len(testbed["forget"]) and meta["seeds"]["seed"] == 0
 
@@ -157,13 +158,19 @@ def test_forward_only_curvature_ranks_like_the_exact_one(testbed):
     assert np.allclose(fd["c_r"], exact["c_r"], rtol=0.05, atol=1e-3 * exact["c_r"].abs().max())
 
 
-def test_gaussian_sketch_at_large_k_approaches_the_exact_ranking(testbed):
+def test_a_sketch_leaves_soir_exact_and_brings_datainf_close_at_large_k(testbed):
+    """soir's mean gradients are exact under any sketch (docs/design.md §6); soir-datainf's per-example
+    gradients are sketched and its ranking approaches the exact one at large k."""
     model, pad = testbed["model"], testbed["pad"]
     common = dict(include=LAYERS, batch_size=16)
     exact = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(**common), progress=False)
     sketched = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(sketch="gaussian", dim=2048, **common), progress=False)
+    pd.testing.assert_frame_equal(sketched.table, exact.table, check_exact=False, rtol=1e-6)
+    common = dict(score="soir-datainf", max_examples=16, **common)
+    exact = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(**common), progress=False)
+    sketched = rank(model, testbed["forget"], testbed["retain"], pad, RankSettings(sketch="gaussian", dim=2048, **common), progress=False)
     assert (sketched.table["group"] == exact.table["group"]).all()
-    assert not np.allclose(sketched.table["a"], exact.table["a"])  # really sketched
+    assert not np.allclose(sketched.table["score"], exact.table["score"])  # really sketched
     rho = spearmanr(exact.table["score"], sketched.table["score"]).statistic
     assert rho > 0.9, rho
 
@@ -290,25 +297,98 @@ def test_save_sketches_then_rank_again_without_a_model_pass(testbed, tmp_path, c
     assert not bad.exists()
 
 
-def test_the_default_curvature_falls_back_to_fd_beyond_the_memory_budget(make_model, tokenizer, qa_frame, tmp_path):
-    """Unset --curvature is hvp while its estimated peak fits --memory-budget and fd beyond it;
-    ranking.json says which and why."""
+def test_the_default_curvature_weighs_cost_and_memory(make_model, tokenizer, qa_frame, tmp_path):
+    """Unset --curvature is hvp for a few groups while its estimated peak fits --memory-budget, kfac
+    (whose cost does not grow with the groups) for many or when hvp does not fit, fd when neither
+    fits; ranking.json says which and why."""
     model = make_model("olmo")
     enc = encode(qa_frame, tokenizer)
-    roomy = rank(model, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=64.0), progress=False)
+    few = (r"layers\.1\.mlp",)
+
+    def chosen(settings, m=model):
+        ranking = rank(m, enc, enc, pad_id(tokenizer), settings, progress=False)
+        return ranking.settings.curvature, ranking.info.get("curvature_choice", "")
+
+    curvature, why = chosen(RankSettings(batch_size=2, memory_budget=64.0, include=few))
+    assert curvature == "hvp" and "3 groups" in why and "within" in why and "fits" in why
+    curvature, why = chosen(RankSettings(batch_size=2, memory_budget=64.0))
+    assert curvature == "kfac" and "16 groups" in why and "over" in why
+    batches = split_batches(enc, pad_id(tokenizer), 2)
+    hvp_peak, kfac_peak = hvp_peak_bytes(model, batches), kfac_peak_bytes(model, batches)
+    assert kfac_peak < hvp_peak
+    between = (kfac_peak + hvp_peak) / 2 / 2**30
+    curvature, why = chosen(RankSettings(batch_size=2, memory_budget=between, include=few))
+    assert curvature == "kfac" and "hvp's estimated peak" in why and "exceeds" in why
     tight = rank(model, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=1e-6), progress=False)
-    assert roomy.settings.curvature == "hvp" and "fits" in roomy.info["curvature_choice"]
-    assert tight.settings.curvature == "fd" and "exceeds" in tight.info["curvature_choice"]
+    assert tight.settings.curvature == "fd" and tight.info["curvature_choice"].endswith("exceeds it: fd")
     assert "curvature_choice" not in rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="grad-magnitude"), progress=False).info
     tight.save(tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "ranking.json").read_text())
     assert saved["settings"]["curvature"] == "fd" and saved["curvature_choice"] == tight.info["curvature_choice"]
     half = make_model("olmo", dtype=torch.bfloat16)
-    kept = rank(half, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, memory_budget=1e-6), progress=False)
-    assert kept.settings.curvature == "hvp" and "needs float32" in kept.info["curvature_choice"]
+    curvature, why = chosen(RankSettings(batch_size=2, memory_budget=1e-6), half)
+    assert curvature == "kfac" and "needs float32" in why
     with pytest.raises(UserError, match="float32"):
         rank(half, enc, enc, pad_id(tokenizer), RankSettings(batch_size=2, curvature="fd"), progress=False)
 
+
+# ---------------------------------------------------------------- --shortlist
+
+
+def test_shortlist_of_every_group_is_soir_line(make_model, tokenizer, qa_frame):
+    model = make_model("olmo")
+    enc = encode(qa_frame, tokenizer)
+    plain = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2), progress=False).table
+    every = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, shortlist=len(plain)), progress=False)
+    columns = ["group", "score", "rank", "eta", "forget_gain", "retain_damage"]
+    pd.testing.assert_frame_equal(every.table[columns], plain[columns], check_dtype=False)
+    assert every.table["shortlisted"].all() and every.info["shortlist"]["scored"] == len(plain)
+
+
+def test_shortlist_runs_the_line_search_on_the_first_stage_best_only(make_model, tokenizer, qa_frame, monkeypatch):
+    import soir.quantities
+
+    searched = []
+    line_quantities = soir.quantities.line_quantities
+
+    def counted(model, forget, retain, groups, *args, **kwargs):
+        searched.append([g.name for g in groups])
+        return line_quantities(model, forget, retain, groups, *args, **kwargs)
+
+    monkeypatch.setattr(soir.quantities, "line_quantities", counted)
+    model = make_model("olmo")
+    enc = encode(qa_frame, tokenizer)
+    slope = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-slope", batch_size=2), progress=False).ranked()
+    line = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2), progress=False).table.set_index("group")
+    searched.clear()
+    two = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, shortlist=3), progress=False)
+    best = list(slope["group"][:3])
+    assert len(searched) == 1 and sorted(searched[0]) == sorted(best)  # one line search, of the 3 groups only
+    ranked = two.ranked()
+    assert list(ranked["group"][:3]) == list(line.loc[best].sort_values(["score"], kind="stable").index)
+    assert list(ranked["group"][3:]) == list(slope["group"][3:])  # the rest in the first stage's order
+    assert ranked["score"][3:].isna().all() and ranked["shortlisted"].tolist() == [True] * 3 + [False] * (len(ranked) - 3)
+    assert np.allclose(ranked.set_index("group").loc[best, "score"], line.loc[best, "score"])
+    assert two.info["shortlist"]["first_stage"] == {"score": "soir-slope", "curvature": None}
+    assert {"first_stage_mean_gradients", "line_search"} <= set(two.info["timings_s"])
+    by_soir = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, shortlist=3, shortlist_by="soir"),
+                   progress=False)
+    assert by_soir.info["shortlist"]["first_stage"] == {"score": "soir", "curvature": "kfac"}
+
+
+def test_shortlist_errors_are_one_line(testbed, tmp_path, capsys):
+    paths = testbed["paths"]
+    common = ["--model", str(paths["finetuned"]), "--forget", str(paths["data"] / "forget.parquet"),
+              "--retain", str(paths["data"] / "retain.parquet"), "--no-progress"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["rank", *common, "--score", "soir-line", "--shortlist", "0", "--out", str(bad)]) == 2
+    assert main(["rank", *common, "--score", "soir-line", "--shortlist", "-3", "--out", str(bad)]) == 2
+    assert main(["rank", *common, "--shortlist", "3", "--out", str(bad)]) == 2  # the default score is soir
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("soir: error:") for line in err), err
+    assert "at least 1" in err[0] and "-3" in err[1] and "--score soir-line" in err[2]
+    assert not bad.exists()
 
 
 # ---------------------------------------------------------------- soir-line
