@@ -4,8 +4,11 @@
 (`soir.scores.QUANTITIES`), each at most once:
 
 - `mean_forget`, `mean_retain`: the mean gradient of the split, one batched pass
-  (`soir.gradients.mean_gradient`), gathered per group, or sketched (`SketchPlan`; the sketch
-  of a mean is the mean of the sketches);
+  (`soir.gradients.mean_gradient`), always exact; given to the scores in the form `mean_form`
+  picks: gathered per group (`--sketch none`), sketched with the maps of the per-example
+  sketches when the score also needs those (so inner products between them are consistent),
+  and otherwise as exact coordinates in the span of the group's mean gradients
+  (`soir.sketch.span_coordinates`: a_S, b_S, |g_r,S|² exact under any sketch);
 - `c_f`, `c_r`: g_f,Sᵀ H_SS g_f,S of the forget and retain loss, by the chosen curvature
   method (`soir.curvature.CURVATURES`), with the mean forget gradient as direction;
 - `per_example_forget`, `per_example_retain`: per-example gradient sketches (exact with `none`);
@@ -50,6 +53,7 @@ from soir.sketch import (
     load_sketches,
     param_names,
     save_sketches,
+    span_coordinates,
 )
 
 SPLITS = ("forget", "retain")
@@ -59,7 +63,11 @@ SAVED = GROUP_TENSORS + GROUP_SCALARS  # what --save-sketches stores; θ and θ_
 FROM_DATA = SAVED + ("line", "revert")  # the quantities that need the forget and retain batches
 SKETCHES_FORMAT = "soir-rank-sketches"
 SKETCHES_DIR = "sketches"
-FORMAT_VERSION = 1
+# 2: mean gradients under a sketch are exact span coordinates unless per-example sketches were saved
+# with them (`manifest["means"]`); 1 (still read): they were sketched whenever --sketch was set
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MEAN_FORMS = ("exact", "sketched", "span")
 GROUP_COLUMNS = ("group", "layer", "kind", "role", "n_params", "tied")
 
 
@@ -69,6 +77,36 @@ def describe(keys: Iterable[str]) -> str:
     if {"c_f", "c_r"} <= set(keys):
         text = [t for t in text if not t.startswith("the curvature term")] + ["the curvature terms c_f, c_r"]
     return " and ".join(dict.fromkeys(text))
+
+
+def mean_form(sketch: str, keys: Iterable[str]) -> str:
+    """How the mean gradients reach a score that needs `keys` under `--sketch sketch` (one of MEAN_FORMS).
+
+    `exact`: the group's entries (`--sketch none`). `sketched`: projected with the maps of the
+    per-example sketches the score also needs, so that g_iᵀḡ_f (`soir-datainf`) is an inner
+    product in one sketch space. `span`: otherwise; the exact coordinates of the group's mean
+    gradients in an orthonormal basis of their span (1 or 2 numbers each), which keep a_S, b_S
+    and |g_r,S|² exact: a sketch of the means would add an error of order |g_r,S||g_f,S|/√k to
+    b_S, an inner product of nearly orthogonal vectors (benchmarks/compression.py, diagnosis).
+    """
+    if sketch == "none":
+        return "exact"
+    return "sketched" if any(k.startswith("per_example_") for k in keys) else "span"
+
+
+def mean_quantities(groups: Sequence[Group], means: Mapping[str, Mapping[str, Tensor]], form: str,
+                    plan: SketchPlan | None = None) -> dict[str, dict[str, Tensor]]:
+    """{"mean_<split>": {group: vector}} from the exact mean gradients {split: {name: tensor}}, in
+    `form` (`mean_form`; `sketched` needs the `plan`)."""
+    splits = list(means)
+    if form == "exact":
+        return {f"mean_{s}": {g.name: gather(g, means[s]) for g in groups} for s in splits}
+    if form == "sketched":
+        return {f"mean_{s}": sketched for s, sketched in zip(splits, plan.project_means([means[s] for s in splits]))}
+    if form != "span":
+        raise ValueError(f"unknown form of the mean gradients {form!r}: use {', '.join(MEAN_FORMS)}")
+    coordinates = {g.name: span_coordinates(g, [means[s] for s in splits]) for g in groups}
+    return {f"mean_{s}": {name: c[i] for name, c in coordinates.items()} for i, s in enumerate(splits)}
 
 
 def progress_bar(progress: bool, total: int, desc: str, unit: str = "step"):
@@ -109,12 +147,8 @@ class GroupQuantities:
         means = [s for s in SPLITS if f"mean_{s}" in needs]
         full = self._mean_gradients([s for s in SPLITS if s in means or (s == "forget" and (curvature or "line" in needs))])
         if means:
-            if self.options.sketch == "none":
-                for s in means:
-                    out[f"mean_{s}"] = {g.name: gather(g, full[s]) for g in self.groups}
-            else:
-                for s, sketched in zip(means, self.plan.project_means([full[s] for s in means])):
-                    out[f"mean_{s}"] = sketched
+            form = mean_form(self.options.sketch, needs)
+            out.update(mean_quantities(self.groups, {s: full[s] for s in means}, form, self.plan if form == "sketched" else None))
         if curvature:
             out["c_f"], out["c_r"] = self._curvature(full["forget"])
         if "line" in needs:
@@ -187,7 +221,9 @@ def save_quantities(out_dir: str | Path, table: pd.DataFrame, quantities: Mappin
 
     Tensors are named `KIND/GROUP` (KIND one of GROUP_TENSORS) and `curvature/c_f`, `curvature/c_r`
     (float64, one entry per group in manifest order). The manifest records the settings that
-    produced them, n_f, n_r, and the groups (name, layer, kind, role, uncompressed size D_S, tied).
+    produced them, n_f, n_r, the groups (name, layer, kind, role, uncompressed size D_S, tied) and
+    `means`, the form of the mean gradients (`mean_form`: under a sketch, span coordinates of 1 or 2
+    numbers per group unless per-example sketches were saved with them, so the file stays small).
     """
     groups = list(table["group"])
     tensors: dict[str, Tensor] = {}
@@ -204,6 +240,7 @@ def save_quantities(out_dir: str | Path, table: pd.DataFrame, quantities: Mappin
         **{key: settings[key] for key in ("score", "granularity", "norms", "sketch", "dim", "seed", "curvature")},
         "n_f": info.get("n_forget"), "n_r": info.get("n_retain"),
         "quantities": sorted(k for k in quantities if k in SAVED),
+        "means": mean_form(settings["sketch"], quantities) if any(k.startswith("mean_") for k in quantities) else None,
         "groups": [{"name": r.group, "layer": None if pd.isna(r.layer) else int(r.layer), "kind": r.kind, "role": r.role,
                     "D_S": int(r.n_params), "tied": bool(r.tied)} for r in rows.itertuples(index=False)],
         "ranking_info": {k: info[k] for k in ("n_forget", "n_retain", "dtype", "device", "architecture", "seeds", "inputs") if k in info},
@@ -232,6 +269,15 @@ def load_quantities(path: str | Path) -> tuple[pd.DataFrame, dict, dict]:
         raise UserError(f"cannot read the sketches at {path}: {type(exc).__name__}: {exc}") from None
     if manifest.get("format") != SKETCHES_FORMAT:
         raise UserError(f"{path} holds no `soir rank --save-sketches` output (its manifest is not {SKETCHES_FORMAT!r})")
+    again = "write them again with `soir rank ... --save-sketches`"
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"the sketches at {path} are format version {version}, this soir reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}: {again}")
+    saved_means = any(k.startswith("mean_") for k in manifest["quantities"])
+    if version == 1 and saved_means and mean_form(manifest["sketch"], manifest["quantities"]) == "span":
+        raise UserError(f"the sketches at {path} (format 1) hold sketched mean gradients, whose a_S, b_S carry a sketch "
+                        f"error that format 2 removes: {again}")
     groups = [SimpleNamespace(name=g["name"], layer=g["layer"], kind=g["kind"], role=g["role"], n_params=g["D_S"], tied=g["tied"])
               for g in manifest["groups"]]
     quantities: dict = {}
@@ -243,5 +289,5 @@ def load_quantities(path: str | Path) -> tuple[pd.DataFrame, dict, dict]:
                 values = tensors[f"curvature/{kind}"].tolist()
                 quantities[kind] = {g.name: float(v) for g, v in zip(groups, values)}
     except KeyError as exc:
-        raise UserError(f"the sketches at {path} are incomplete (no {exc.args[0]}): write them again with `soir rank ... --save-sketches`") from None
+        raise UserError(f"the sketches at {path} are incomplete (no {exc.args[0]}): {again}") from None
     return group_table(groups), quantities, manifest

@@ -6,6 +6,10 @@ matches `FactoredSketcher`); the member sketches are summed (the block map keeps
 products in expectation). A member with at most k coordinates is kept exact (an identity
 padded with zeros to k). `factored` sketches Linear / Conv1D / Embedding weights from hooks
 without per-example gradients; other members fall back to `sjlt`.
+
+A few full gradients that are computed exactly anyway (the mean gradients) need no random map:
+`span_coordinates` gives their exact coordinates in an orthonormal basis of their span, which
+keep every inner product among them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,45 @@ def flat_member(group: Group, index: int, tensor: Tensor, batched: bool) -> Tens
 def gather_examples(group: Group, grads: Mapping[str, Tensor]) -> Tensor:
     """A group's entries of per-example tensors {name: (n, *shape)} as (n, D_S) (`soir.groups.gather` order)."""
     return torch.cat([flat_member(group, i, grads[s.name], True) for i, s in enumerate(group.slices)], dim=1)
+
+
+def exact_dot(x: Tensor, y: Tensor, chunk: int = 1 << 22) -> float:
+    """xᵀy of two 1-D tensors accumulated in float64, `chunk` entries at a time (no float64 copy of a
+    whole embedding)."""
+    return float(sum(torch.dot(x[i:i + chunk].double(), y[i:i + chunk].double()) for i in range(0, x.numel(), chunk)))
+
+
+def gram_factor(gram: Tensor) -> Tensor:
+    """Upper-triangular X (m, m) with XᵀX = `gram` (a PSD Gram matrix): its Cholesky factor, taken in
+    the given order so the first vector's coordinates are (|x_1|, 0, …); a vector in the span of the
+    earlier ones (a zero pivot) gets no new axis."""
+    gram = gram.to(torch.float64)
+    m = gram.shape[0]
+    x = torch.zeros(m, m, dtype=torch.float64)
+    for j in range(m):
+        for i in range(j):
+            if x[i, i] > 0:
+                x[i, j] = (gram[i, j] - x[:i, i] @ x[:i, j]) / x[i, i]
+        x[j, j] = torch.sqrt(torch.clamp(gram[j, j] - x[:j, j] @ x[:j, j], min=0.0))
+    return x
+
+
+def span_coordinates(group: Group, grads: Sequence[Mapping[str, Tensor]]) -> list[Tensor]:
+    """The group's entries of m full-size gradients {name: parameter-shaped tensor}, each as its m
+    exact coordinates (float64) in an orthonormal basis of their span.
+
+    Their inner products are those of the gradients (to float64 rounding of the float64 Gram
+    matrix): a map to m dimensions with no sketch error, made from the vectors themselves, for
+    scores that use only inner products among them (`soir`'s a_S = |g_f,S|², b_S = g_r,Sᵀg_f,S).
+    """
+    flats = [[s.view(g[s.name]).reshape(-1) for s in group.slices] for g in grads]
+    m = len(flats)
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for i in range(m):
+        for j in range(i + 1):
+            gram[i, j] = gram[j, i] = sum(exact_dot(x, y) for x, y in zip(flats[i], flats[j]))
+    factor = gram_factor(gram)
+    return [factor[:, i].clone() for i in range(m)]
 
 
 class GroupSketch:
