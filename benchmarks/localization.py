@@ -1,25 +1,34 @@
-"""Which localizer gives the best retain at equal forgetting? The comparison at matched operating points.
+"""Which localizer keeps the most retain at equal forgetting? Matched operating points, over testbeds and seeds.
 
-On the testbed's finetuned model, each localizer ranks the groups once (tensor groups; neuron
-groups for budgets under 5%, where a tensor is too coarse); its selection at a parameter budget
-(`soir select --top B --by params`) is unlearned with GradDiff and NPO over a learning-rate grid
-and several seeds, and so is the full model. The people and documents of each split are halved:
-the learning rate of every (selection, objective, seed) is chosen on the validation half (the
-one whose forget accuracy comes closest to the retain-only model's, the forgetting an exact
-unlearner would reach), and everything is reported on the other half, never on the rows the
-choice was made on: teacher-forced answer accuracy, regurgitation and QA exact match of forget
-and retain, the MIA score (forget test half against the holdout split), general accuracy (MMLU
-layout) and the SemEval final score, mean ± std over seeds; and a Pareto plot of retain
-against forget over the whole grid.
+On each testbed (a `benchmarks/testbeds.py` folder; several seeds and variants), the subjects
+(people, stories, documents) of each split are halved: forget subjects into a *validation* half
+(the operating point is searched on it) and a *test* half; retain subjects into an *unlearning*
+half (the rows localizers rank with and GradDiff's retain term trains on) and a *held-out* half
+that neither ranking nor unlearning ever sees, so test retain measures what unlearning did to
+retain knowledge it was not told to keep, not the loss it trained on.
 
-    .venv/bin/python benchmarks/localization.py --testbed demo-out
+Every localizer ranks the finetuned model on all forget rows and the unlearning-half retain rows
+(tensor groups for budgets of 5% and more, MLP-neuron groups below, where a tensor is too coarse),
+and its selection at a parameter budget (`soir select --top B --by params`) is unlearned with
+GradDiff; so are `random` selections (each mask seed a run of its own) and the full model. For
+every run (selection × unlearning seed) the learning rate is searched (`analysis.matching`,
+bracket then interpolation in log rate, at most `--max-runs` runs) until the validation forget
+accuracy is within ±`--tol` of the retain-only oracle's, the forgetting an exact unlearner
+reaches; the chosen run's test numbers are reported, and a run that cannot reach the target is
+counted as such and kept (with its closest run). A search starts from the rates around the one the
+last search of the same localizer and budget chose (`--warm`), or from `--lrs` / `--full-lrs`.
 
-On few cores, split the localizers over processes (`--out` each, `--no-full-model` on all but
-one, OMP_NUM_THREADS=1) and join their outputs with `--merge DIR DIR ...`.
+Statistics: paired differences of held-out retain accuracy against `random` (the mean of the
+random masks at the same budget) and against the full model, per (testbed, held-out subject),
+averaged over unlearning seeds; bootstrap 95% intervals over those units and a two-sided
+sign-flip permutation test of the mean.
 
-Writes localization.{csv,json,png} (csv: every run; json: the matched table),
-localization_matched.csv (the chosen run of every selection, objective and seed, fully
-evaluated) and localization.md (the matched table as markdown, for the README).
+    .venv/bin/python benchmarks/localization.py --testbeds beds/default-s0 beds/default-s1 beds/default-s2 --out DIR
+
+On few cores run one process per testbed (`--out` each, OMP_NUM_THREADS=1) and join them with
+`--merge DIR ...`. Writes localization.{csv,json,md,png} (csv: one row per search, its chosen
+run), localization_runs.csv (every run of every search) and localization_subjects.csv (held-out
+retain per subject of every chosen run).
 """
 
 from __future__ import annotations
@@ -30,238 +39,283 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from transformers.utils import logging as transformers_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.demo import testbed_eval_settings  # noqa: E402
-from analysis.evaluate import evaluate  # noqa: E402
-from soir.data import encode, read_split  # noqa: E402
+from analysis.matching import find_operating_point  # noqa: E402
+from analysis.mmlu import mmlu_accuracy  # noqa: E402
+from report import mean_interval, sign_flip_p, write_results  # noqa: E402
+from soir.data import answer_accuracy, encode, teacher_forced  # noqa: E402
 from soir.mask import Mask  # noqa: E402
 from soir.ranking import RankSettings, rank  # noqa: E402
 from soir.scores import SCORES  # noqa: E402
 from soir.select import SelectSettings, select  # noqa: E402
 from testbed_runs import Testbed  # noqa: E402
+from testbeds import GENERAL, RECIPE_FILE  # noqa: E402
 
-LOCALIZERS = tuple(SCORES)
+LOCALIZERS = ("soir", "soir-slope", "revert", "shift")
+RANDOM, FULL = "random", "full model"
 FINE_BUDGET = 0.05  # budgets below this select neuron groups
-NEURON_TOO_COSTLY = {"soir-line"}  # its line search runs forward passes per group: over 8 minutes for 1,550 neuron groups here
-REPORTED = {"forget_regurgitation": "forget/regurgitation", "forget_knowledge": "forget/knowledge",
-            "retain_regurgitation": "retain/regurgitation", "retain_knowledge": "retain/knowledge",
-            "mia_score": "mia_score", "general_accuracy": "mmlu/accuracy", "final_score": "final_score"}
+SETS = ("val_forget", "test_forget", "heldout_retain", "unlearn_retain")
+
+
+def subject_of(ids: pd.Series) -> pd.Series:
+    """The person, story or document a row is about: ids share a 5-character prefix (p0012qa1)."""
+    return ids.str[:5]
 
 
 def halve_by_subject(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Validation and test halves with no person or document in both (alternate subjects, by id prefix)."""
-    subjects = frame["id"].str[:5]
-    order = sorted(subjects.unique())
-    val = subjects.isin(order[0::2])
-    return {"val": frame[val].reset_index(drop=True), "test": frame[~val].reset_index(drop=True)}
+    """Two halves with no subject in both: sorted subjects alternate, so each kind is split evenly."""
+    subjects = subject_of(frame["id"])
+    first = subjects.isin(sorted(subjects.unique())[0::2])
+    return {"val": frame[first].reset_index(drop=True), "test": frame[~first].reset_index(drop=True)}
+
+
+def testbed_info(path: Path) -> dict:
+    recipe = path / RECIPE_FILE
+    return json.loads(recipe.read_text()) if recipe.is_file() else {"variant": "default", "seed": 0}
+
+
+def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[tuple[dict, Mask, int]]:
+    """(description, mask, unlearning seed) of every run on this testbed."""
+    forget_enc, retain_enc = bed.encoded["forget"], encode(retain_rows, bed.tokenizer)
+    out = [({"localizer": FULL, "budget": 1.0, "mask_seed": -1}, Mask.full(model), u) for u in range(args.unlearn_seeds)]
+    for budget in args.budgets:
+        granularity = "neuron" if budget < FINE_BUDGET else "tensor"
+
+        def ranked(score: str, score_seed: int = 0):
+            return rank(model, forget_enc, retain_enc, bed.pad,
+                        RankSettings(score=score, granularity=granularity, max_examples=args.max_examples, seed=score_seed),
+                        base_model=base if SCORES[score].needs_base else None, progress=False)
+
+        for localizer in args.localizers:
+            started = time.perf_counter()
+            mask = select(ranked(localizer), model, SelectSettings(top=budget, by="params"))
+            print(f"  ranked by {localizer} ({granularity}): {time.perf_counter() - started:.0f} s", flush=True)
+            out += [({"localizer": localizer, "budget": budget, "mask_seed": -1}, mask, u) for u in range(args.unlearn_seeds)]
+        for draw in range(args.random_masks):
+            mask_seed = 1000 * seed + draw  # every testbed and draw its own mask
+            out.append(({"localizer": RANDOM, "budget": budget, "mask_seed": mask_seed},
+                        select(ranked(RANDOM, mask_seed), model, SelectSettings(top=budget, by="params")), draw))
+    return out
+
+
+def run_testbed(path: Path, args) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Every search on one testbed: (chosen runs, all runs, per-subject held-out retain, testbed facts)."""
+    info = testbed_info(path)
+    bed = Testbed(path)
+    forget_halves = halve_by_subject(bed.frames["forget"])
+    retain_halves = halve_by_subject(bed.frames["retain"])
+    retain_unlearn, retain_heldout = retain_halves["val"], retain_halves["test"]
+    frames = {"val_forget": forget_halves["val"], "test_forget": forget_halves["test"],
+              "heldout_retain": retain_heldout, "unlearn_retain": retain_unlearn}
+    sets = {name: encode(frame, bed.tokenizer) for name, frame in frames.items()}
+    general = path / "data" / "general_mc.parquet"
+
+    def measure(model) -> tuple[dict, pd.DataFrame]:
+        tables = {name: teacher_forced(model, enc, bed.pad) for name, enc in sets.items()}
+        return {name: answer_accuracy(t) for name, t in tables.items()}, tables["heldout_retain"]
+
+    model, base = bed.model("finetuned", eager=True), bed.model("base")
+    oracle_model = bed.model("oracle")
+    oracle, _ = measure(oracle_model)
+    finetuned, _ = measure(model)
+    facts = {"testbed": path.name, "variant": info["variant"], "testbed_seed": info["seed"], "target_val_forget": oracle["val_forget"],
+             "oracle": {**oracle, "general": mmlu_accuracy(oracle_model, bed.tokenizer, general, GENERAL).accuracy},
+             "finetuned": {**finetuned, "general": mmlu_accuracy(model, bed.tokenizer, general, GENERAL).accuracy},
+             "subjects": {name: int(subject_of(f["id"]).nunique()) for name, f in frames.items()}}
+    print(f"{path.name}: retain-only {facts['oracle']}\n  finetuned {facts['finetuned']}", flush=True)
+    target = oracle["val_forget"]
+    where = {"variant": info["variant"], "testbed": path.name, "testbed_seed": info["seed"]}
+    chosen, runs, subjects = [], [], []
+    found: dict[tuple, float] = {}  # the rate the last search of the same localizer and budget chose: the next one starts around it
+    for describe, mask, seed in selections(bed, model, base, retain_unlearn, args, info["seed"]):
+        started = time.perf_counter()
+        key = (describe["localizer"], describe["budget"])
+
+        def attempt(lr: float):
+            unlearned = bed.unlearn("finetuned", mask, "graddiff", lr, args.steps, seed, retain=retain_unlearn)
+            acc, heldout = measure(unlearned)
+            runs.append({**where, **describe, "unlearn_seed": seed, "lr": lr, **acc})
+            return acc["val_forget"], (acc, heldout, unlearned)
+
+        lo, hi = (found[key] / args.warm, found[key] * args.warm) if key in found else (args.full_lrs if mask.is_full else args.lrs)
+        point = find_operating_point(attempt, target, lo, hi, tol=args.tol, max_runs=args.max_runs, expand=args.expand)
+        acc, heldout, unlearned = point.result
+        if point.reached:
+            found[key] = point.lr
+        row = {**where, **describe, "unlearn_seed": seed, "n_selected": mask.n_selected, "fraction": mask.n_selected / mask.n_total,
+               "reached": point.reached, "why_not": point.reason, "lr": point.lr, "runs": point.n_runs, **acc,
+               "general": mmlu_accuracy(unlearned, bed.tokenizer, general, GENERAL).accuracy,
+               "seconds": round(time.perf_counter() - started, 1)}
+        chosen.append(row)
+        per_subject = heldout.assign(subject=subject_of(heldout["id"])).groupby("subject")[["correct", "answer_tokens"]].sum()
+        subjects += [{**where, **describe, "unlearn_seed": seed, "subject": s, "correct": int(r.correct), "answer_tokens": int(r.answer_tokens)}
+                     for s, r in per_subject.iterrows()]
+        print(f"  {describe['localizer']} @ {describe['budget']:g} seed {seed}: lr {point.lr:.3g}, val forget {acc['val_forget']:.3f} "
+              f"(target {target:.3f}{'' if point.reached else ', NOT REACHED: ' + point.reason}), held-out retain "
+              f"{acc['heldout_retain']:.3f}, {point.n_runs} runs, {row['seconds']:.0f} s", flush=True)
+        save_partial(Path(args.out), chosen, runs, subjects)
+    return chosen, runs, subjects, facts
+
+
+def save_partial(out: Path, chosen: list[dict], runs: list[dict], subjects: list[dict]) -> None:
+    """What is done so far, so an interrupted run keeps it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("partial", chosen), ("partial_runs", runs), ("partial_subjects", subjects)):
+        pd.DataFrame(rows).to_csv(out / f"localization_{name}.csv", index=False)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def subject_accuracy(subjects: pd.DataFrame) -> pd.DataFrame:
+    """Held-out retain accuracy per (variant, testbed, localizer, budget, subject), averaged over unlearning seeds / random masks."""
+    per_run = subjects.assign(accuracy=subjects["correct"] / subjects["answer_tokens"].clip(lower=1))
+    return per_run.groupby(["variant", "testbed", "localizer", "budget", "subject"], as_index=False)["accuracy"].mean()
+
+
+def paired(subjects: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, localizer and budget: held-out retain minus `random`'s (same budget) and minus the full model's,
+    per (testbed, subject): mean, bootstrap 95% interval, sign-flip p."""
+    acc = subject_accuracy(subjects)
+    rows = []
+    for variant, part in acc.groupby("variant", sort=False):
+        wide = part.pivot_table(index=["testbed", "subject"], columns=["localizer", "budget"], values="accuracy")
+        for localizer, budget in wide.columns:
+            if localizer == FULL:
+                continue
+            for against, key in (("random", (RANDOM, budget)), ("full model", (FULL, 1.0))):
+                if key not in wide.columns or key == (localizer, budget):
+                    continue
+                d = (wide[(localizer, budget)] - wide[key]).dropna().to_numpy()
+                lo, hi = mean_interval(d)
+                rows.append({"variant": variant, "localizer": localizer, "budget": budget, "against": against, "units": len(d),
+                             "difference": float(d.mean()), "low": lo, "high": hi, "p": sign_flip_p(d)})
+    return pd.DataFrame(rows)
+
+
+def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, localizer and budget: the chosen runs' numbers, mean with a 95% interval over (testbed, subject) units."""
+    acc = subject_accuracy(subjects)
+    rows = []
+    for (variant, localizer, budget), g in chosen.groupby(["variant", "localizer", "budget"], sort=False):
+        units = acc[(acc.variant == variant) & (acc.localizer == localizer) & (acc.budget == budget)]["accuracy"].to_numpy()
+        lo, hi = mean_interval(units)
+        rows.append({"variant": variant, "localizer": localizer, "budget": budget, "searches": len(g),
+                     "reached": int(g["reached"].sum()), "runs per search": g["runs"].mean(),
+                     "val forget": g["val_forget"].mean(), "test forget": g["test_forget"].mean(),
+                     "held-out retain": g["heldout_retain"].mean(), "low": lo, "high": hi,
+                     "unlearning retain": g["unlearn_retain"].mean(), "general": g["general"].mean(), "median lr": g["lr"].median()})
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, diffs: pd.DataFrame, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
+
+    variants = list(dict.fromkeys(table["variant"]))
+    fig, axes = new_figure((6.5 * len(variants), 9), len(variants), 2, squeeze=False)
+    axes = np.asarray(axes).reshape(2, len(variants))
+    for col, variant in enumerate(variants):
+        top, bottom = axes[0, col], axes[1, col]
+        part = table[table.variant == variant]
+        for i, (_, r) in enumerate(part.iterrows()):
+            label = r["localizer"] if r["localizer"] == FULL else f"{r['localizer']} {r['budget']:.0%}"
+            y = r["held-out retain"]
+            top.errorbar(r["test forget"], y, yerr=[[y - r["low"]], [r["high"] - y]], fmt="o" if r["budget"] >= FINE_BUDGET else "s",
+                         color=f"C{i % 10}", capsize=2, label=label)
+        top.set_xlabel("test forget accuracy (chosen run)")
+        top.set_ylabel("held-out retain accuracy")
+        top.set_title(f"{variant}: at matched forget (mean, 95% interval)", fontsize=10)
+        top.legend(fontsize=7, ncol=2)
+        top.grid(alpha=0.3)
+        d = diffs[diffs.variant == variant].reset_index(drop=True)
+        labels = [f"{r.localizer} {r.budget:.0%} − {r.against}" for r in d.itertuples()]
+        bottom.errorbar(d["difference"], range(len(d)), xerr=[d["difference"] - d["low"], d["high"] - d["difference"]], fmt="o", capsize=2)
+        bottom.axvline(0, color="grey", lw=0.8)
+        bottom.set_yticks(range(len(d)), labels, fontsize=7)
+        bottom.set_xlabel("paired difference in held-out retain accuracy")
+        bottom.set_title(f"{variant}: paired differences, 95% bootstrap interval over subjects", fontsize=10)
+        bottom.grid(axis="x", alpha=0.3)
+    save_figure(fig, path)
+
+
+def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta: dict, out: Path, started: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out / "localization_runs.csv", index=False)
+    subjects.to_csv(out / "localization_subjects.csv", index=False)
+    table, diffs = summary(chosen, subjects), paired(subjects)
+    tables = {"Held-out retain at matched forget (mean over searches; interval: 95% bootstrap over testbed × subject)": table.set_index(["variant", "localizer", "budget"]),
+              "Paired differences in held-out retain (per testbed × subject, averaged over seeds; p: sign-flip permutation)": diffs.set_index(["variant", "localizer", "budget", "against"])}
+    notes = (f"Target: validation forget accuracy within ±{meta['settings']['tol']} of the retain-only model's (per testbed). "
+             "`reached` counts the searches that got there; the others are kept with their closest run. "
+             "`random`: one search per mask seed (its unlearning seed is the draw); paired differences use the mean of its masks.")
+    paths = write_results(out, "localization", chosen, meta, started=started, tables=tables, notes=notes,
+                          figure=lambda p: plot(table, diffs, p))
+    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(diffs.to_string(float_format=lambda x: f"{x:.3f}"))
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+
+
+def merge(dirs: list[Path], out: Path, started: float) -> int:
+    """Join the outputs of runs on other testbeds (same settings) into one set of outputs; an interrupted
+    run's partial rows count, and the JSON says so."""
+    chosen, runs, subjects, metas, interrupted = [], [], [], [], []
+    for d in dirs:
+        done = (d / "localization.json").is_file()
+        prefix = "localization" if done else "localization_partial"
+        chosen.append(pd.read_csv(d / f"{prefix}.csv"))
+        runs.append(pd.read_csv(d / ("localization_runs.csv" if done else "localization_partial_runs.csv")))
+        subjects.append(pd.read_csv(d / ("localization_subjects.csv" if done else "localization_partial_subjects.csv")))
+        if done:
+            metas.append(json.loads((d / "localization.json").read_text()))
+        else:
+            interrupted.append({"dir": str(d), "searches": len(chosen[-1])})
+    meta = {"settings": metas[0]["settings"], "testbeds": [t for m in metas for t in m["testbeds"]],
+            "merged": [{"command": m["command"], "seconds": m["seconds"]} for m in metas], "interrupted": interrupted}
+    write(pd.concat(chosen, ignore_index=True), pd.concat(runs, ignore_index=True), pd.concat(subjects, ignore_index=True), meta, out, started)
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--testbed", default=str(ROOT / "demo-out"), help="a `soir demo` output (base/, oracle/, finetuned/, data/)")
+    p.add_argument("--testbeds", nargs="+", default=[], metavar="DIR", help="testbed folders (benchmarks/testbeds.py or `soir demo` outputs)")
     p.add_argument("--localizers", nargs="+", default=list(LOCALIZERS))
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.1, 0.3], help="fractions of all parameters (default: 0.01 0.1 0.3)")
-    p.add_argument("--objectives", nargs="+", default=["graddiff", "npo"])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1])
-    p.add_argument("--full-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="the full model's grid (it forgets at lower rates)")
-    p.add_argument("--no-full-model", action="store_true", help="leave out the full-model baseline (it runs in another process)")
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of runs with other localizers into --out, and stop")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.01], help="fractions of all parameters (default: 0.1 0.01)")
+    p.add_argument("--unlearn-seeds", type=int, default=3, help="unlearning seeds per localizer selection and for the full model (default: 3)")
+    p.add_argument("--random-masks", type=int, default=4, help="random masks per budget and testbed, each unlearned once (default: 4)")
+    p.add_argument("--steps", type=int, default=30, help="GradDiff steps (batch 32; default: 30)")
+    p.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="the search's first bracket for masks (default: 1e-3 1e-2)")
+    p.add_argument("--full-lrs", type=float, nargs=2, default=[1e-4, 1e-3], help="the full model's first bracket (default: 1e-4 1e-3)")
+    p.add_argument("--expand", type=float, default=4.0, help="bracket growth while the target is not bracketed (default: 4)")
+    p.add_argument("--warm", type=float, default=1.5, help="a search after one of the same localizer and budget that reached the target "
+                   "starts from its rate ÷ and × this (default: 1.5)")
+    p.add_argument("--tol", type=float, default=0.01, help="validation forget within ±tol of the target (default: 0.01)")
+    p.add_argument("--max-runs", type=int, default=8)
     p.add_argument("--max-examples", type=int, default=128, help="rows per split the localizers rank with (default: 128)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of runs on other testbeds into --out, and stop")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-    if args.merge:
-        return merge([Path(d) for d in args.merge], Path(args.out))
+    transformers_logging.disable_progress_bar()  # a bar per model load
     started = time.perf_counter()
-    bed = Testbed(args.testbed)
-    parts = {s: halve_by_subject(f) for s, f in bed.frames.items()}
-    halves = {f"{half}_{s}": encode(frame, bed.tokenizer) for s, h in parts.items() for half, frame in h.items()}
-    holdout = read_split(Path(args.testbed) / "data" / "holdout.parquet")
-    general = Path(args.testbed) / "data" / "general_mc.parquet"
-    settings = testbed_eval_settings()
-
-    def full_metrics(model) -> dict[str, float]:
-        metrics, _ = evaluate(model, bed.tokenizer, {"forget": parts["forget"]["test"], "retain": parts["retain"]["test"]},
-                              holdout=holdout, mmlu=general, settings=settings)
-        return {name: metrics.get(key) for name, key in REPORTED.items()}
-
-    model, base = bed.model("finetuned", eager=True), bed.model("base")
-    oracle_model = bed.model("oracle")
-    oracle = {**bed.accuracies(oracle_model, halves), **full_metrics(oracle_model)}
-    before = {**bed.accuracies(model, halves), **full_metrics(model)}
-    target = oracle["val_forget"]
-    print(f"retain-only model {oracle}\nfinetuned model {before}", flush=True)
-
-    selections = {} if args.no_full_model else {("full model", 1.0): Mask.full(model)}
-    for localizer in args.localizers:
-        for granularity in ("tensor", "neuron"):
-            budgets = [b for b in args.budgets if (b < FINE_BUDGET) == (granularity == "neuron")]
-            if not budgets or (granularity == "neuron" and localizer in NEURON_TOO_COSTLY):
-                continue
-            ranking = rank(model, bed.encoded["forget"], bed.encoded["retain"], bed.pad,
-                           RankSettings(score=localizer, granularity=granularity, max_examples=args.max_examples),
-                           base_model=base if SCORES[localizer].needs_base else None, progress=False)
-            for budget in budgets:
-                selections[(localizer, budget)] = select(ranking, model, SelectSettings(top=budget, by="params"))
-        print(f"ranked by {localizer}: {time.perf_counter() - started:.0f} s", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, chosen = [], []
-    for (localizer, budget), mask in selections.items():
-        describe = {"localizer": localizer, "budget": budget, "n_selected": mask.n_selected, "fraction": round(mask.n_selected / mask.n_total, 4),
-                    "granularity": "all" if mask.is_full else ("element" if mask.elements else "tensor")}
-        for objective in args.objectives:
-            for seed in range(args.seeds):
-                runs = []
-                for lr in (args.full_lrs if mask.is_full else args.lrs):
-                    unlearned = bed.unlearn("finetuned", mask, objective, lr, args.steps, seed)
-                    row = {**describe, "objective": objective, "lr": lr, "seed": seed, **bed.accuracies(unlearned, halves)}
-                    runs.append((row, {k: v.clone() for k, v in unlearned.state_dict().items()}))
-                    rows.append(row)
-                row, state = min(runs, key=lambda run: abs(run[0]["val_forget"] - target))
-                unlearned.load_state_dict(state)
-                chosen.append({**row, **full_metrics(unlearned)})
-        pd.DataFrame(rows).to_csv(out / "localization.csv", index=False)  # partial results survive an interrupted run
-        print(f"{localizer} @ {budget:g}: {len(rows)} runs, {time.perf_counter() - started:.0f} s", flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "settings": {k: v for k, v in vars(args).items() if k not in ("out", "merge")},
-            "split": "people and documents alternate between the validation and the test half",
-            "retain_only_model": oracle, "finetuned_model": before, "target_val_forget": target, "seconds": time.perf_counter() - started}
-    write(pd.DataFrame(rows), pd.DataFrame(chosen), meta, out)
+    if args.merge:
+        return merge([Path(d) for d in args.merge], Path(args.out), started)
+    if not args.testbeds:
+        p.error("give --testbeds DIR ... (or --merge DIR ...)")
+    chosen, runs, subjects, facts = [], [], [], []
+    for path in map(Path, args.testbeds):
+        c, r, s, f = run_testbed(path, args)
+        chosen += c
+        runs += r
+        subjects += s
+        facts.append(f)
+    meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "merge")}, "testbeds": facts}
+    write(pd.DataFrame(chosen), pd.DataFrame(runs), pd.DataFrame(subjects), meta, Path(args.out), started)
     return 0
-
-
-def merge(dirs: list[Path], out: Path) -> int:
-    """Join runs over other localizers (same testbed, grid and seeds) into one set of outputs."""
-    metas = [json.loads((d / "localization.json").read_text()) for d in dirs]
-    table = pd.concat([pd.read_csv(d / "localization.csv") for d in dirs], ignore_index=True)
-    picked = pd.concat([pd.read_csv(d / "localization_matched.csv") for d in dirs], ignore_index=True)
-    meta = {**metas[0], "command": " ; ".join(m["command"] for m in metas) + " ; python " + " ".join(sys.argv),
-            "seconds": [m["seconds"] for m in metas]}
-    meta["settings"]["localizers"] = [name for m in metas for name in m["settings"]["localizers"]]
-    out.mkdir(parents=True, exist_ok=True)
-    write(table, picked, meta, out)
-    return 0
-
-
-def write(table: pd.DataFrame, picked: pd.DataFrame, meta: dict, out: Path) -> None:
-    """localization.{csv,json,png,md} and localization_matched.csv from every run and the chosen ones."""
-    matched = summarize(picked)
-    table.to_csv(out / "localization.csv", index=False)
-    picked.to_csv(out / "localization_matched.csv", index=False)
-    meta = {**meta, "matched": matched.reset_index().to_dict(orient="records"),
-            "interpolated": interpolate(table, meta["target_val_forget"]).to_dict(orient="records")}
-    (out / "localization.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    plot(table, matched, meta["retain_only_model"], out / "localization.png")
-    (out / "localization.md").write_text(markdown(meta))
-    print(matched.to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {out}/localization.csv, localization_matched.csv, .json, .png, .md")
-
-
-def summarize(picked: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds of the chosen runs' test-half numbers, per (localizer, budget, objective)."""
-    columns = ["test_forget", "test_retain", *REPORTED, "val_forget", "lr"]
-    stats = picked.groupby(["localizer", "budget", "objective"], sort=False)[columns].agg(["mean", "std"])
-    stats.columns = [f"{a}_{b}" for a, b in stats.columns]
-    return stats
-
-
-def interpolate(table: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Test forget and retain at the learning rate where validation forget crosses `target`, linear
-    between the two grid points around the first crossing, per seed; then mean ± std over the seeds
-    that cross (`reached` of `seeds`; `past_at_every_lr`: seeds that forget past it even at the lowest lr). The grid's points rarely land on the target; this matches
-    the operating point more closely than the nearest grid point does."""
-    rows = []
-    for (localizer, budget, objective), runs in table.groupby(["localizer", "budget", "objective"], sort=False):
-        points, past = [], 0
-        for _, seed in runs.groupby("seed"):
-            seed = seed.sort_values("lr")
-            v, f, r = (seed[c].to_numpy() for c in ("val_forget", "test_forget", "test_retain"))
-            past += bool((v < target).all())
-            for i in range(len(v) - 1):
-                if (v[i] - target) * (v[i + 1] - target) <= 0 and v[i] != v[i + 1]:
-                    w = (target - v[i]) / (v[i + 1] - v[i])
-                    points.append((f[i] + w * (f[i + 1] - f[i]), r[i] + w * (r[i + 1] - r[i])))
-                    break
-        frame = pd.DataFrame(points, columns=["test_forget", "test_retain"])
-        rows.append({"localizer": localizer, "budget": budget, "objective": objective, "reached": len(points), "past_at_every_lr": past,
-                     "seeds": runs["seed"].nunique(), **{f"{c}_{stat}": getattr(frame[c], stat)() for c in frame for stat in ("mean", "std")}})
-    return pd.DataFrame(rows)
-
-
-COLUMNS = {"test_forget": "forget acc.", "test_retain": "retain acc.", "forget_regurgitation": "forget regurg.",
-           "forget_knowledge": "forget QA EM", "retain_regurgitation": "retain regurg.", "retain_knowledge": "retain QA EM",
-           "mia_score": "MIA score", "general_accuracy": "general acc.", "final_score": "final score"}
-
-
-def markdown(meta: dict) -> str:
-    """The matched table (mean ± std over seeds, test halves), one table per objective, with the
-    retain-only and finetuned models' rows first."""
-    lines = []
-    for objective in dict.fromkeys(r["objective"] for r in meta["matched"]):
-        lines += [f"**{objective}** (lr chosen per seed on validation rows; test rows reported)", "",
-                  "| selection | budget | " + " | ".join(COLUMNS.values()) + " |", "|---|---|" + "---|" * len(COLUMNS)]
-        for name, model in (("retain-only model", meta["retain_only_model"]), ("finetuned model", meta["finetuned_model"])):
-            lines.append(f"| {name} | | " + " | ".join(f"{model[c]:.2f}" for c in COLUMNS) + " |")
-        for r in meta["matched"]:
-            if r["objective"] == objective:
-                cells = [f"{r[c + '_mean']:.2f} ± {r[c + '_std']:.2f}" for c in COLUMNS]
-                lines.append(f"| {r['localizer']} | {r['budget']:.0%} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [f"**Retain at the target forget** (validation forget {meta['target_val_forget']:.2f}, the retain-only model's; "
-              "test accuracies interpolated between the two learning rates around it; seeds that reach it of all seeds)", "",
-              "| selection | budget | " + " | ".join(f"{o}: retain acc. (forget acc.), reached" for o in dict.fromkeys(r["objective"] for r in meta["matched"])) + " |",
-              "|---|---|" + "---|" * len(set(r["objective"] for r in meta["matched"]))]
-    by_key = {}
-    for r in meta["interpolated"]:
-        by_key.setdefault((r["localizer"], r["budget"]), {})[r["objective"]] = r
-    for (localizer, budget), cells in by_key.items():
-        shown = [f"{c['test_retain_mean']:.2f} ± {c['test_retain_std']:.2f} ({c['test_forget_mean']:.2f}), {c['reached']}/{c['seeds']}"
-                 if c["reached"] else ("past it at every lr" if c["past_at_every_lr"] == c["seeds"] else "not reached") + f", 0/{c['seeds']}"
-                 for c in cells.values()]
-        lines.append(f"| {localizer} | {budget:.0%} | " + " | ".join(shown) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: pd.DataFrame, matched: pd.DataFrame, oracle: dict, path: Path) -> None:
-    """Retain against forget (test halves) over each lr grid, a row per objective and a column per
-    budget; the matched runs (mean ± std over seeds) as large markers."""
-    from analysis.plots import new_figure, save_figure
-
-    objectives = list(dict.fromkeys(table["objective"]))
-    budgets = sorted(b for b in table["budget"].unique() if b != 1.0)
-    fig, axes = new_figure((4.4 * len(budgets), 4.0 * len(objectives)), len(budgets), nrows=len(objectives), squeeze=False)
-    localizers = list(dict.fromkeys(table["localizer"]))
-    colors = {name: f"C{i % 10}" for i, name in enumerate(localizers)}
-    for row, objective in enumerate(objectives):
-        for col, budget in enumerate(budgets):
-            ax = axes[row][col]
-            part = table[(table.objective == objective) & ((table.budget == budget) | (table.localizer == "full model"))]
-            for localizer, runs in part.groupby("localizer", sort=False):
-                stats = runs.groupby("lr")[["test_forget", "test_retain"]].mean()
-                ax.plot(stats["test_forget"], stats["test_retain"], marker="o", ms=2, lw=0.8, alpha=0.5, color=colors[localizer])
-                key = (localizer, runs["budget"].iloc[0], objective)
-                if key in matched.index:
-                    m = matched.loc[key]
-                    ax.errorbar(m["test_forget_mean"], m["test_retain_mean"], xerr=m["test_forget_std"], yerr=m["test_retain_std"],
-                                marker="s", ms=6, capsize=2, color=colors[localizer], label=localizer)
-            ax.axvline(oracle["test_forget"], color="grey", ls="--", lw=0.8, label="retain-only model")
-            ax.set_xlabel("forget accuracy (test half; lower: forgot)")
-            ax.set_ylabel("retain accuracy (test half)")
-            ax.set_title(f"{objective}, {budget:.0%} of parameters", fontsize=9)
-            ax.grid(alpha=0.3)
-    shown = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            shown.setdefault(label, handle)
-    fig.legend(shown.values(), shown.keys(), loc="outside right upper", fontsize=8)
-    fig.suptitle("retain against forget on test rows: lines over each lr grid (mean of seeds); squares: the runs chosen on "
-                 "validation rows, mean ± std over seeds", fontsize=9)
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":
