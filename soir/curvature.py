@@ -609,28 +609,27 @@ def kfac_peak_bytes(model: nn.Module, batches: Sequence[Batch]) -> int:
     return weights + active + factors
 
 
-# The cost model of the default choice, in gradient passes of both splits (benchmarks/scale.py, CPU):
-# hvp's create-graph pass plus one second backward per group, about half a pass on average (0.45–0.5
-# measured at 114 and 58 groups, more on the smallest models); kfac's one hooked forward and backward
-# per batch whatever the groups. hvp is exact, so it is kept while it costs at most EXACT_PREMIUM × kfac.
-HVP_FIXED_PASSES = 2.0
+# The cost model of the default choice, in gradient passes of both splits, fit to benchmarks/scale.py
+# (CPU, 1 thread): hvp's curvature stage costs HVP_FIXED_PASSES (its create-graph pass) plus a second
+# backward per group, HVP_PASSES_PER_GROUP each on average (13.1 passes at 16 groups, 35.8 at 58);
+# kfac's costs about one pass (0.7–1.1) whatever the groups. hvp is exact, so it is kept while its
+# per-group backwards do not dominate its fixed cost: up to 9 groups.
+HVP_FIXED_PASSES = 4.5
 HVP_PASSES_PER_GROUP = 0.5
-KFAC_PASSES = 2.5
-EXACT_PREMIUM = 3.0
 
 
 def choose_curvature(model: nn.Module, batches: Sequence[Batch], budget_gib: float | None, n_groups: int) -> tuple[str, str]:
-    """The default curvature and why (for ranking.json): hvp when its estimated cost (gradient passes,
-    growing with the groups) is at most EXACT_PREMIUM × kfac's and its estimated peak fits the budget
-    (default 90% of the free memory); else kfac, whose cost does not grow with the groups, when its
-    peak fits; else fd (float32 weights only: in bf16/fp16 fd's perturbation is below the rounding),
-    else kfac, the smaller of the two peaks that remain."""
+    """The default curvature and why (for ranking.json): hvp while its per-group second backwards do
+    not dominate its cost (HVP_PASSES_PER_GROUP × groups ≤ HVP_FIXED_PASSES) and its estimated peak
+    fits the budget (default 90% of the free memory); else kfac, whose cost does not grow with the
+    groups, when its peak fits; else fd (float32 weights only: in bf16/fp16 fd's perturbation is
+    below the rounding), else kfac, the smaller of the two peaks that remain."""
     budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * free_memory_bytes(device_of(model))
     need = hvp_peak_bytes(model, batches)
-    passes = HVP_FIXED_PASSES + HVP_PASSES_PER_GROUP * n_groups
-    cheap = passes <= EXACT_PREMIUM * KFAC_PASSES
-    cost = (f"{n_groups} groups: hvp's estimated {passes:.1f} gradient passes are {'within' if cheap else 'over'} "
-            f"{EXACT_PREMIUM:g} × kfac's {KFAC_PASSES:g}")
+    per_group = HVP_PASSES_PER_GROUP * n_groups
+    cheap = per_group <= HVP_FIXED_PASSES
+    cost = (f"{n_groups} groups: hvp's second backwards (about {per_group:g} gradient passes) {'do not dominate' if cheap else 'dominate'} "
+            f"its fixed {HVP_FIXED_PASSES:g} (kfac: about one pass whatever the groups)")
     memory = f"hvp's estimated peak {need / 2**30:.2f} GiB {'fits' if need <= budget else 'exceeds'} the budget {budget / 2**30:.2f} GiB"
     if cheap and need <= budget:
         return "hvp", f"{cost} and {memory}: hvp"
