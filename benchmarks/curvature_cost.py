@@ -10,18 +10,20 @@ granularity, for c_f, c_r and the score.
 
     .venv/bin/python benchmarks/curvature_cost.py --testbed demo-out --out benchmarks/results
 
-Writes curvature_cost.{csv,json,png}.
+Writes curvature_cost.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import write_results  # noqa: E402
 
 GRANULARITIES = ("tensor", "module", "layer", "kind")
 METHODS = {"hvp": {"curvature": "hvp"}, "fd": {"curvature": "fd"}, "ggn": {"curvature": "ggn"},
@@ -61,6 +63,14 @@ def run(testbed: Path, granularities, methods, max_examples: int | None, threads
     return rows
 
 
+def summarize(table) -> dict:
+    """The markdown's tables: curvature time over one gradient pass, and the score's Spearman to hvp, per granularity and method."""
+    columns = {"Curvature stage time / one gradient pass (both splits)": "curvature_over_gradient_pass",
+               "Spearman of the soir score over groups to hvp's": "spearman_score_vs_hvp"}
+    return {title: table.pivot_table(index=["granularity", "n_groups"], columns="method", values=column, sort=False)
+            for title, column in columns.items()}
+
+
 def plot(table, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
@@ -91,19 +101,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    started = time.perf_counter()
     if args.methods[0] != "hvp":
         p.error("--methods must start with hvp, the reference the others are compared with")
 
     import pandas as pd
 
     table = pd.DataFrame(run(args.testbed, args.granularities, args.methods, args.max_examples, args.threads))
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "curvature_cost.csv", index=False)
-    meta = {"command": "python benchmarks/curvature_cost.py " + " ".join(sys.argv[1:]), "threads": args.threads,
-            "rows": table.to_dict("records")}
-    (args.out / "curvature_cost.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot(table, args.out / "curvature_cost.png")
-    print(f"wrote {args.out / 'curvature_cost.csv'}, .json and .png")
+    meta = {"threads": args.threads, "rows": table.to_dict("records")}
+    paths = write_results(args.out, "curvature_cost", table, meta, started=started, tables=summarize(table),
+                          figure=lambda path: plot(table, path))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
 
 
 if __name__ == "__main__":

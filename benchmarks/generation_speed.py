@@ -10,31 +10,27 @@ outputs are compared token for token (the evaluation's contract is that they agr
     python benchmarks/generation_speed.py --testbed DIR [--rows 500] [--batch-sizes 1 16 64] [--repeats 5]
 
 DIR is a `soir demo` output directory (its finetuned/ model and data/ are used).
-Writes benchmarks/results/generation_speed.{csv,json,png} (or --results DIR) and prints a table;
+Writes benchmarks/results/generation_speed.{csv,json,md,png} (or --results DIR) through benchmarks/report.py and prints a table;
 exits 1 when the best batched run is less than --target (default 5) times faster than batch size 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from analysis.generation import GenerationSettings, generate_ids, prompt_token_ids  # noqa: E402
-from soir.data import pad_id, read_split  # noqa: E402
-from soir.models import load_model, load_tokenizer  # noqa: E402
+from analysis.generation import GenerationSettings, generate_ids, prompt_token_ids
+from report import write_results  # benchmarks/ is sys.path[0] when this runs as a script
+from soir.data import pad_id, read_split
+from soir.models import load_model, load_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 SPLITS = ("forget", "retain", "holdout", "general")
@@ -59,6 +55,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=5.0, help="required speedup of the best batched run over batch size 1")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    started = time.perf_counter()
     if 1 not in args.batch_sizes:
         args.batch_sizes = [1, *args.batch_sizes]
     hf_logging.set_verbosity_error()
@@ -100,8 +97,6 @@ def main() -> None:
     table["speedup"] = one / table["median_s"]
     best = table.loc[table["batch_size"] != 1, "speedup"].max() if len(table) > 1 else float("nan")
 
-    args.results.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(args.results / "generation_speed.csv", index=False)
     environment = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
     report = {
@@ -109,23 +104,33 @@ def main() -> None:
         "n_params": sum(p.numel() for p in model.parameters()), "summary": table.to_dict(orient="records"),
         "best_speedup": best, "target": args.target, "passed": bool(best >= args.target), "environment": environment,
     }
-    (args.results / "generation_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    paths = write_results(args.results, "generation_speed", runs, report, started=started, tables=summarize(runs, report),
+                          figure=lambda path: plot(table, report, path))
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    print()
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nbest batched speedup {best:.1f}x (target {args.target:.0f}x): {'PASS' if best >= args.target else 'FAIL'}")
+    print("written:", ", ".join(str(path) for path in paths.values()))
+    sys.exit(0 if best >= args.target else 1)
+
+
+def summarize(runs: pd.DataFrame, report: dict) -> dict:
+    """The markdown's table: the summary per batch size the JSON records."""
+    return {f"Greedy generation of {report['rows']} testbed rows, {report['max_new_tokens']} new tokens at most, "
+            f"median of {report['repeats']} repeats (target: {report['target']:g}x)": pd.DataFrame(report["summary"]).set_index("batch_size")}
+
+
+def plot(table: pd.DataFrame, report: dict, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
+
+    fig, ax = new_figure((5.5, 3.5))
     bars = ax.bar([str(b) for b in table["batch_size"]], table["rows_per_s"], color=["#999999"] + ["#3b6ea8"] * (len(table) - 1))
     for bar, speedup in zip(bars, table["speedup"]):
         ax.annotate(f"{speedup:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
     ax.set_xlabel("batch size")
     ax.set_ylabel("rows / s (median)")
-    ax.set_title(f"Greedy generation, {len(prompts)} testbed rows, {args.max_new_tokens} new tokens max")
-    fig.tight_layout()
-    fig.savefig(args.results / "generation_speed.png", dpi=120)
-
-    print()
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nbest batched speedup {best:.1f}x (target {args.target:.0f}x): {'PASS' if best >= args.target else 'FAIL'}")
-    print(f"written: {args.results}/generation_speed.{{csv,json,png}}")
-    sys.exit(0 if best >= args.target else 1)
+    ax.set_title(f"Greedy generation, {report['rows']} testbed rows, {report['max_new_tokens']} new tokens max")
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

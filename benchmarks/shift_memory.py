@@ -10,14 +10,13 @@ cost: imports, the model built on the meta device, the figure).
 
     python benchmarks/shift_memory.py --out benchmarks/results
 
-Writes shift_memory.{json,csv,png}.
+Writes shift_memory.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import peak_rss_mb, write_results  # noqa: E402
 
 
 def build(directory: Path, hidden: int, layers: int, intermediate: int, vocab: int, shard: str) -> dict:
@@ -49,17 +50,6 @@ def build(directory: Path, hidden: int, layers: int, intermediate: int, vocab: i
     return {"n_params": sum(p.numel() for p in model.parameters()), "largest_tensor_params": largest, "dtype": "float32"}
 
 
-def peak_rss_mb(command: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a command run in a fresh process (its own rusage, from wait4)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed with exit status {process.returncode}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -75,6 +65,7 @@ def main() -> None:
         (args.build / "size.json").write_text(json.dumps(size))
         return
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="soir-shift-bench-") as tmp:
         tmp = Path(tmp)
         # build in another process: a forked child starts with its parent's RSS, so the parent stays small
@@ -95,7 +86,6 @@ def main() -> None:
                                          "--finetuned", str(tmp / "finetuned"), "--out", str(tmp / "shift"), "--no-progress"])
     largest_mb = size["largest_tensor_params"] * 4 / 2**20
     result = {
-        "command": "python benchmarks/shift_memory.py " + " ".join(sys.argv[1:]),
         "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate, "vocab": args.vocab, **size},
         "shards_per_checkpoint": shards, "checkpoint_mb": round(checkpoint_mb, 1), "largest_tensor_mb": round(largest_mb, 1),
         "import_only_peak_rss_mb": round(baseline_mb, 1), "shift_tiny_model_peak_rss_mb": round(fixed_mb, 1),
@@ -105,24 +95,36 @@ def main() -> None:
         "above_tiny_over_both_checkpoints": round((shift_mb - fixed_mb) / (2 * checkpoint_mb), 3),
         "shift_seconds": round(seconds, 1), "build_seconds": round(build_seconds, 1), "threads": 2,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shift_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     import pandas as pd
 
-    rows = [{"what": "one checkpoint on disk", "mb": checkpoint_mb}, {"what": "both checkpoints on disk", "mb": 2 * checkpoint_mb},
-            {"what": "import torch + transformers (peak RSS)", "mb": baseline_mb},
-            {"what": "soir shift, tiny checkpoints (peak RSS)", "mb": fixed_mb}, {"what": "soir shift (peak RSS)", "mb": shift_mb},
-            {"what": "largest tensor (fp32)", "mb": largest_mb}]
-    pd.DataFrame(rows).to_csv(args.out / "shift_memory.csv", index=False)
+    rows = pd.DataFrame([{"what": "one checkpoint on disk", "mb": checkpoint_mb}, {"what": "both checkpoints on disk", "mb": 2 * checkpoint_mb},
+                         {"what": "import torch + transformers (peak RSS)", "mb": baseline_mb},
+                         {"what": "soir shift, tiny checkpoints (peak RSS)", "mb": fixed_mb}, {"what": "soir shift (peak RSS)", "mb": shift_mb},
+                         {"what": "largest tensor (fp32)", "mb": largest_mb}])
+    paths = write_results(args.out, "shift_memory", rows, result, started=started, tables=summarize(rows, result),
+                          figure=lambda path: plot(rows, result, path))
+    print(json.dumps(result, indent=2))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
+
+
+def title(result: dict) -> str:
+    return f"soir shift on two {result['model']['n_params'] / 1e6:.0f}M-parameter checkpoints ({result['shards_per_checkpoint']} shards each)"
+
+
+def summarize(rows, result: dict) -> dict:
+    """The markdown's table: the rows, in MiB."""
+    return {f"{title(result)}, MiB": rows.set_index("what")}
+
+
+def plot(rows, result: dict, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
     fig, ax = new_figure((7, 3.2))
-    ax.barh([r["what"] for r in rows], [r["mb"] for r in rows], color=["#999", "#bbb", "#6a9", "#8bd", "#36c", "#c63"])
+    ax.barh(rows["what"], rows["mb"], color=["#999", "#bbb", "#6a9", "#8bd", "#36c", "#c63"])
     ax.set_xlabel("MiB")
-    ax.set_title(f"soir shift on two {size['n_params'] / 1e6:.0f}M-parameter checkpoints ({shards} shards each)")
+    ax.set_title(title(result))
     ax.invert_yaxis()
-    save_figure(fig, args.out / "shift_memory.png")
-    print(json.dumps(result, indent=2))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,20 @@ the same score (Spearman over groups, and the overlap of the top 10% of groups).
 
     .venv/bin/python benchmarks/stability.py --testbed demo-out --out benchmarks/results
 
-Writes stability.{csv,json,png}.
+Writes stability.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import write_results  # noqa: E402
 
 SCORES = ("soir", "soir-datainf", "fo-influence", "wagle")
 
@@ -60,6 +62,15 @@ def run(testbed: Path, scores, sizes, seeds: int, threads: int) -> list[dict]:
     return rows
 
 
+def summarize(table) -> dict:
+    """The markdown's tables: mean over draws of the Spearman to the all-rows ranking and of the top-10% overlap,
+    per score and retain size."""
+    groups = int(table["n_groups"].iloc[0])
+    return {f"{what}, mean over draws ({groups} tensor groups; columns: retain rows)":
+            table.pivot_table(index="score", columns="retain_rows", values=column, sort=False)
+            for what, column in (("Spearman to the all-rows ranking", "spearman_to_full"), ("Top-10% overlap", "top10_overlap"))}
+
+
 def plot(table, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
@@ -83,16 +94,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    started = time.perf_counter()
 
     import pandas as pd
 
     table = pd.DataFrame(run(args.testbed, args.scores, args.sizes, args.seeds, args.threads))
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "stability.csv", index=False)
-    meta = {"command": "python benchmarks/stability.py " + " ".join(sys.argv[1:]), "rows": table.to_dict("records")}
-    (args.out / "stability.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot(table, args.out / "stability.png")
-    print(f"wrote {args.out / 'stability.csv'}, .json and .png")
+    paths = write_results(args.out, "stability", table, {"rows": table.to_dict("records")}, started=started, tables=summarize(table),
+                          figure=lambda path: plot(table, path))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
 
 
 if __name__ == "__main__":

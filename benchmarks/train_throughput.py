@@ -6,7 +6,7 @@ Runs alternate (bare, loop, bare, loop, ...) so drifting machine load hits both 
 
     python benchmarks/train_throughput.py [--testbed DIR] [--steps 200] [--repeats 5]
 
-Writes benchmarks/results/train_throughput.{csv,json,png}.
+Writes benchmarks/results/train_throughput.{csv,json,md,png} (or --out DIR) through benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
+from report import write_results  # benchmarks/ is sys.path[0] when this runs as a script
 from soir.data import BatchStream, encode, pad_id, per_example_loss, read_splits  # noqa: E402
 from soir.models import TinySize, load_model, load_tokenizer  # noqa: E402
 from soir.synth import SynthSettings, write_testbed  # noqa: E402
@@ -61,8 +58,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    started = time.perf_counter()
     hf_logging.disable_progress_bar()
-    work = Path(tempfile.mkdtemp(prefix="throughput-"))
+    with tempfile.TemporaryDirectory(prefix="throughput-") as work:
+        table, model = measure(args, Path(work))
+    median = table.groupby("loop")["tokens_per_s"].median()
+    per_repeat = table.pivot(index="repeat", columns="loop", values="tokens_per_s")
+    summary = {
+        "median_tokens_per_s": median.to_dict(),
+        "ratio_toolkit_over_bare": median["toolkit"] / median["bare"],
+        "ratio_per_repeat": (per_repeat["toolkit"] / per_repeat["bare"]).tolist(),
+        "target": ">= 0.90",
+        "steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats,
+        "model": "tiny:olmo " + json.dumps(TinySize().__dict__),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    }
+    paths = write_results(args.out, "train_throughput", table, summary, started=started, tables=summarize(table, summary),
+                          figure=lambda path: plot(table, path))
+    print(json.dumps(summary, indent=2))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
+
+
+def measure(args, work: Path) -> tuple[pd.DataFrame, torch.nn.Module]:
+    """Alternating bare and toolkit runs (one row each) and the model they trained."""
     testbed = args.testbed or work / "testbed"
     if args.testbed is None:
         write_testbed(testbed, SynthSettings())
@@ -87,33 +106,27 @@ def main() -> None:
             rows.append({"repeat": repeat, "loop": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
             print(f"repeat {repeat} {name:>7}: {tokens / seconds:,.0f} tokens/s", file=sys.stderr)
 
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows), model
+
+
+def summarize(table: pd.DataFrame, summary: dict) -> dict:
+    """The markdown's table: median tokens/s of each loop and the toolkit / bare ratio."""
+    median = table.groupby("loop")["tokens_per_s"].agg(["median", "min", "max"])
+    median["over bare (median)"] = median["median"] / median.loc["bare", "median"]
+    return {f"Training tokens/s over {summary['repeats']} repeats of {summary['steps']} steps (target: toolkit / bare {summary['target']})": median}
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
+
     median = table.groupby("loop")["tokens_per_s"].median()
-    ratio = median["toolkit"] / median["bare"]
-    per_repeat = table.pivot(index="repeat", columns="loop", values="tokens_per_s")
-    summary = {
-        "median_tokens_per_s": median.to_dict(),
-        "ratio_toolkit_over_bare": ratio,
-        "ratio_per_repeat": (per_repeat["toolkit"] / per_repeat["bare"]).tolist(),
-        "target": ">= 0.90",
-        "steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats,
-        "model": "tiny:olmo " + json.dumps(TinySize().__dict__),
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "train_throughput.csv", index=False)
-    (args.out / "train_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = new_figure((5, 3.2))
     ax.bar(median.index, median.values, color=["#888888", "#2a6f97"])
     for x, value in enumerate(median.values):
         ax.text(x, value, f"{value:,.0f}", ha="center", va="bottom")
     ax.set_ylabel("training tokens / s (median)")
-    ax.set_title(f"toolkit loop / bare loop = {ratio:.3f}")
-    fig.tight_layout()
-    fig.savefig(args.out / "train_throughput.png", dpi=120)
-    print(json.dumps(summary, indent=2))
+    ax.set_title(f"toolkit loop / bare loop = {median['toolkit'] / median['bare']:.3f}")
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
