@@ -596,14 +596,16 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def kfac_peak_bytes(model: nn.Module, batches: Sequence[Batch]) -> int:
-    """Estimated peak of `kfac`: the weights, a backward's activations (2 × a forward's: the graph
-    without weight gradients, plus the hooks' inputs) of the largest batch, and at most two
-    min(out, in)² factors per matrix module."""
+    """Estimated peak of `kfac`: the weights, the groups' directions (a copy of the matrix weights
+    in float32 or wider), a backward's activations (2 × a forward's: the graph without weight
+    gradients, plus the hooks' inputs) of the largest batch, and at most two min(out, in)² factors
+    per matrix module."""
     from soir.kfac import matrix_modules  # soir.kfac builds on this module
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     element = torch.promote_types(dtype_of(model), torch.float32).itemsize
-    factors = sum(2 * min(m.weight.shape) ** 2 * element for _, m, layout in matrix_modules(model) if layout != "embedding")
+    matrices = [m.weight for _, m, layout in matrix_modules(model)]
+    factors = sum(2 * min(w.shape) ** 2 * element + w.numel() * element for w in matrices)
     largest = max(batches, key=lambda b: b["input_ids"].numel(), default=None)
     active = 0 if largest is None else 2 * activation_bytes(model, largest["input_ids"].numel(), largest["input_ids"].shape[1])
     return weights + active + factors
