@@ -231,14 +231,13 @@ def shortlist_table(first: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
     scores; `first_score`, `first_rank` and `shortlisted` say where each group came from."""
     table = first[list(BASE_COLUMNS[:6])].copy()
     scored = scored.set_index("group")
-    extra = [c for c in scored.columns if c not in BASE_COLUMNS[:6]]
-    for column in extra:
-        table[column] = table["group"].map(scored[column]).astype(np.float64 if column != "rank" else "Int64")
+    table["score"] = table["group"].map(scored["score"]).astype(np.float64)
+    rest = first[~first["group"].isin(scored.index)].sort_values("rank", kind="stable")["group"]
+    ranks = {**scored["rank"].to_dict(), **{name: len(scored) + i + 1 for i, name in enumerate(rest)}}
+    table["rank"] = table["group"].map(ranks).astype(np.int64)
+    for column in scored.columns.difference([*BASE_COLUMNS], sort=False):
+        table[column] = table["group"].map(scored[column]).astype(np.float64)
     table["shortlisted"] = table["group"].isin(scored.index)
-    rest = first[~table["shortlisted"]].sort_values("rank", kind="stable")["group"]
-    later = {name: len(scored) + i + 1 for i, name in enumerate(rest)}
-    table["rank"] = [int(r) if s else later[g] for g, r, s in zip(table["group"], table["rank"], table["shortlisted"])]
-    table["rank"] = table["rank"].astype(np.int64)
     table["first_score"] = first["score"].to_numpy()
     table["first_rank"] = first["rank"].to_numpy()
     return table
