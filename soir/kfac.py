@@ -213,11 +213,15 @@ class KroneckerForms:
             covered |= set(held)
             outputs, inputs = in_layout(module.weight, layout).shape
             entry = Factored(module, layout, outputs, inputs, bias in held)
-            full = torch.zeros(outputs, entry.columns, dtype=self.work, device=device)
-            if weight in held:
-                full[:, :inputs] = in_layout(vectors[weight].detach(), layout).to(full)
-            if entry.bias:
-                full[:, inputs] = vectors[bias].detach().to(full)
+            # the weight's direction in the (out, in) layout: a view of `vectors` when the dtypes agree
+            weight_direction = in_layout(vectors[weight].detach(), layout).to(self.work) if weight in held else None
+            full = None  # the module's whole direction with its bias column, built only when a group needs part of it
+            if entry.bias or any(s.dim is not None for p in held for g in holding[p] for s in g.slices if s.name == p):
+                full = torch.zeros(outputs, entry.columns, dtype=self.work, device=device)
+                if weight_direction is not None:
+                    full[:, :inputs] = weight_direction
+                if entry.bias:
+                    full[:, inputs] = vectors[bias].detach().to(full)
             row_mask = torch.zeros(outputs, entry.columns, dtype=torch.bool)
             column_mask = torch.zeros(outputs, entry.columns, dtype=torch.bool)
             for g in dict.fromkeys(g for p in held for g in holding[p]):
@@ -230,6 +234,9 @@ class KroneckerForms:
                 elif len(kinds) == 1 and kind == "col" and index not in entry.column_owner:
                     entry.column_owner[index] = g.name
                     target = column_mask
+                elif full is None:  # the whole weight, and no bias column: the direction as it is (no copy)
+                    entry.whole[g.name] = weight_direction
+                    continue
                 else:  # a whole direction of its own
                     target = torch.zeros(outputs, entry.columns, dtype=torch.bool)
                 for item in where:
