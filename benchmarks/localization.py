@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,9 +89,14 @@ def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[
         granularity = "neuron" if budget < FINE_BUDGET else "tensor"
 
         def ranked(score: str, score_seed: int = 0):
-            return rank(model, forget_enc, retain_enc, bed.pad,
-                        RankSettings(score=score, granularity=granularity, max_examples=args.max_examples, seed=score_seed),
-                        base_model=base if SCORES[score].needs_base else None, progress=False)
+            ranking = rank(model, forget_enc, retain_enc, bed.pad,
+                           RankSettings(score=score, granularity=granularity, max_examples=args.max_examples, seed=score_seed),
+                           base_model=base if SCORES[score].needs_base else None, progress=False)
+            if score != RANDOM:  # kept for the diagnosis (e.g. revert's forget and retain rises per group)
+                folder = Path(args.out) / "rankings"
+                folder.mkdir(parents=True, exist_ok=True)
+                ranking.table.assign(testbed=bed.path.name).to_parquet(folder / f"{bed.path.name}_{score}_{granularity}.parquet")
+            return ranking
 
         for localizer in args.localizers:
             started = time.perf_counter()
@@ -214,6 +220,24 @@ def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def revert_selectivity(folder: Path) -> pd.DataFrame:
+    """What reverting each group to the base gives back, per testbed and granularity: with f, r the
+    forget- and retain-loss rises (`revert`), the selectivity (f − r)/(f + r) of the groups: 0 where a
+    group holds forget and retain knowledge alike, 1 where it holds only the forget set's."""
+    rows = []
+    for path in sorted(folder.glob("*_revert_*.parquet")):
+        t = pd.read_parquet(path)
+        granularity = path.stem.rsplit("_", 1)[1]
+        f, r = t["forget_rise"].to_numpy(), t["retain_rise"].to_numpy()
+        selectivity = (f - r) / np.where(f + r > 0, f + r, np.nan)
+        top = t.sort_values("rank").head(max(1, len(t) // 10)).index
+        rows.append({"testbed": t["testbed"].iloc[0], "granularity": granularity, "groups": len(t), "median forget rise": np.median(f),
+                     "median retain rise": np.median(r), "median selectivity": np.nanmedian(selectivity),
+                     "top 10% selectivity": np.nanmean(selectivity[t.index.get_indexer(top)]), "max selectivity": np.nanmax(selectivity),
+                     "share f > r": float(np.mean(f > r))})
+    return pd.DataFrame(rows)
+
+
 def plot(table: pd.DataFrame, diffs: pd.DataFrame, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
@@ -251,6 +275,9 @@ def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta
     table, diffs = summary(chosen, subjects), paired(subjects)
     tables = {"Held-out retain at matched forget (mean over searches; interval: 95% bootstrap over testbed × subject)": table.set_index(["variant", "localizer", "budget"]),
               "Paired differences in held-out retain (per testbed × subject, averaged over seeds; p: sign-flip permutation)": diffs.set_index(["variant", "localizer", "budget", "against"])}
+    selectivity = revert_selectivity(out / "rankings")
+    if len(selectivity):
+        tables["What reverting one group to the base gives back (revert's forget and retain loss rises, nats)"] = selectivity.set_index(["testbed", "granularity"])
     notes = (f"Target: validation forget accuracy within ±{meta['settings']['tol']} of the retain-only model's (per testbed). "
              "`reached` counts the searches that got there; the others are kept with their closest run. "
              "`random`: one search per mask seed (its unlearning seed is the draw); paired differences use the mean of its masks.")
@@ -271,6 +298,9 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
         chosen.append(pd.read_csv(d / f"{prefix}.csv"))
         runs.append(pd.read_csv(d / ("localization_runs.csv" if done else "localization_partial_runs.csv")))
         subjects.append(pd.read_csv(d / ("localization_subjects.csv" if done else "localization_partial_subjects.csv")))
+        for ranking in (d / "rankings").glob("*.parquet"):
+            (out / "rankings").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ranking, out / "rankings" / ranking.name)
         if done:
             metas.append(json.loads((d / "localization.json").read_text()))
         else:

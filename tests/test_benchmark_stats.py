@@ -64,3 +64,17 @@ def test_paired_differences_by_hand():
                             "test_forget": 0.52, "heldout_retain": 0.85, "unlearn_retain": 0.9, "general": 0.8, "lr": 0.05}])
     table = summary(chosen, subjects)
     assert table.loc[0, "reached"] == 1 and table.loc[0, "held-out retain"] == pytest.approx(0.85)
+
+
+def test_revert_selectivity_by_hand(tmp_path):
+    from localization import revert_selectivity
+
+    # four groups: one holds only forget knowledge (f 1, r 0), one both alike, two retain-led
+    table = pd.DataFrame({"group": list("abcd"), "rank": [1, 2, 3, 4], "forget_rise": [1.0, 0.5, 0.1, 0.2],
+                          "retain_rise": [0.0, 0.5, 0.3, 0.6], "testbed": "bed"})
+    table.to_parquet(tmp_path / "bed_revert_tensor.parquet")
+    row = revert_selectivity(tmp_path).iloc[0]
+    assert row["granularity"] == "tensor" and row["groups"] == 4
+    assert row["max selectivity"] == pytest.approx(1.0) and row["top 10% selectivity"] == pytest.approx(1.0)
+    assert row["median selectivity"] == pytest.approx(np.median([1.0, 0.0, -0.5, -0.5]))
+    assert row["share f > r"] == pytest.approx(0.25)
