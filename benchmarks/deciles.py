@@ -9,7 +9,7 @@ ranking gives.
 
     .venv/bin/python benchmarks/deciles.py --testbed demo-out
 
-Writes deciles.{csv,json,png}.
+Writes deciles.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report import write_results  # noqa: E402
 from soir.ranking import RankSettings, rank  # noqa: E402
 from soir.select import SelectSettings, select  # noqa: E402
 from soir.scores import get_score  # noqa: E402
@@ -68,16 +69,22 @@ def main(argv=None) -> int:
     trend = {}
     for score, part in table.groupby("score", sort=False):
         trend[score] = {f"spearman_decile_vs_{m}": float(spearmanr(part["decile"], part[f"{m}_accuracy"]).statistic) for m in ("forget", "retain")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "deciles.csv", index=False)
-    meta = {"command": " ".join(["python", *sys.argv]), "settings": {k: v for k, v in vars(args).items() if k != "out"},
-            "trend": trend, "seconds": time.perf_counter() - started}
-    (out / "deciles.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot(table, args, out / "deciles.png")
+    meta = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "trend": trend}
+    paths = write_results(args.out, "deciles", table, meta, started=started, tables=summarize(table, meta),
+                          figure=lambda path: plot(table, args, path))
     print(json.dumps(trend, indent=1))
-    print(f"wrote {out}/deciles.csv, .json, .png ({meta['seconds']:.0f} s)")
+    print("wrote", ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def summarize(table: pd.DataFrame, meta: dict) -> dict:
+    """The markdown's tables: mean forget and retain accuracy per score and decile, and each score's trend over deciles."""
+    settings = meta["settings"]
+    run = f"GradDiff at lr {settings['lr']:g}, {settings['steps']} steps, mean over {settings['seeds']} seeds"
+    tables = {f"{metric.capitalize()} accuracy after unlearning each tenth of the ranking ({run}; columns: decile)":
+              table.pivot_table(index="score", columns="decile", values=f"{metric}_accuracy", sort=False) for metric in ("forget", "retain")}
+    tables["Spearman of the decile to accuracy (a ranking that localizes: forget rises, retain falls)"] = pd.DataFrame(meta["trend"]).T
+    return tables
 
 
 def plot(table: pd.DataFrame, args, path: Path) -> None:

@@ -9,7 +9,7 @@ ranking: `soir rank` wall time.
 
     .venv/bin/python benchmarks/distributed_scaling.py --testbed demo-out
 
-Writes distributed_scaling.{csv,json,png}.
+Writes distributed_scaling.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import write_results  # noqa: E402
 
 
 def command(processes: int, threads: int, args: list[str]) -> float:
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    started = time.perf_counter()
     bed = Path(args.testbed)
     data = ["--forget", str(bed / "data" / "forget.parquet"), "--retain", str(bed / "data" / "retain.parquet")]
     rows = []
@@ -81,15 +84,19 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     for column in ("rank_stages_s", "unlearn_s_per_step"):
         table[f"{column}_speedup"] = (table[column].iloc[0] / table[column]).round(2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "distributed_scaling.csv", index=False)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.machine()}, {os.cpu_count()} cores, gloo",
-            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": table.to_dict(orient="records")}
-    (out / "distributed_scaling.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot(table, out / "distributed_scaling.png")
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, gloo", "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "rows": table.to_dict(orient="records")}
+    paths = write_results(args.out, "distributed_scaling", table, meta, started=started, tables=summarize(table, meta),
+                          figure=lambda path: plot(table, path))
     print(table.to_string(index=False))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def summarize(table: pd.DataFrame, meta: dict) -> dict:
+    """The markdown's table: the rows, one per process count."""
+    return {f"soir rank and soir unlearn (NPO, 10% mask) on {meta['settings']['threads']} threads in all ({meta['machine']})":
+            table.set_index("processes")}
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:

@@ -19,6 +19,8 @@ where the parameter memory is visible.
 
     .venv/bin/python benchmarks/unlearn_memory.py                      # testbed model + hidden 512 × 8 layers
     .venv/bin/python benchmarks/unlearn_memory.py --sizes testbed      # the testbed model only
+
+Writes unlearn_memory.{csv,json,md,png} through benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from report import write_results  # noqa: E402
+
 CONFIGS = ("baseline", "grads", "full", "copy", "swap")
 LABELS = {"full": "(a) full model, copy reference", "copy": "(b) 10% mask, full copy reference", "swap": "(c) 10% mask, swapped reference"}
 
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.1, help="mask size as a fraction of parameters (default: 0.1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where unlearn_memory.{csv,json,png} go")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where unlearn_memory.{csv,json,md,png} go")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -190,6 +196,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
+    started = time.perf_counter()
     sizes = [s for s in args.sizes.split(",") if s]
     if args.hidden:
         sizes.append(f"{args.hidden}x{args.layers}")
@@ -197,9 +204,9 @@ def main(argv=None) -> int:
     for size in sizes:
         base = run_config(args, size, "baseline")
         for config in CONFIGS[1:]:
-            started = time.perf_counter()
+            run_started = time.perf_counter()
             row = run_config(args, size, config)
-            row["wall_seconds"] = round(time.perf_counter() - started, 1)
+            row["wall_seconds"] = round(time.perf_counter() - run_started, 1)
             row["baseline_rss_bytes"] = base["peak_rss_bytes"]
             row["extra_rss_bytes"] = row["peak_rss_bytes"] - base["peak_rss_bytes"]
             if "cuda_peak_bytes" in row:
@@ -219,22 +226,13 @@ def main(argv=None) -> int:
         table.loc[here, "activation_estimate_bytes"] = activations
         table.loc[masked, "target_bytes"] = table.loc[masked, "model_bytes"] + 4 * table.loc[masked, "selected_bytes"] + activations
     table["meets_target"] = table["measured_total_bytes"] <= table["target_bytes"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "unlearn_memory.csv", index=False)
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "steps": args.steps, "batch_size": args.batch_size,
-            "threads": args.threads, "device": args.device, "measure": extra, "rows": table.to_dict(orient="records")}
-    (out / "unlearn_memory.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    plot(table, extra, out / "unlearn_memory.png")
+    meta = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "device": args.device, "measure": extra,
+            "rows": table.to_dict(orient="records")}
+    tables = summarize(table, meta)
+    paths = write_results(args.out, "unlearn_memory", table, meta, started=started, tables=tables, figure=lambda path: plot(table, extra, path))
 
     mib = lambda b: "" if b != b else f"{b / 2**20:.1f}"
-    show = pd.DataFrame({
-        "size": table["size"], "config": table["config"], "params": table["n_params"], "selected": table["n_selected"],
-        "extra MiB (measured)": table[extra].map(mib), "extra MiB (analytic, no activations)": table["analytic_extra_bytes"].map(mib),
-        "reference MiB": table["reference_bytes"].map(mib), "target total MiB": table["target_bytes"].map(mib),
-        "measured total MiB": table["measured_total_bytes"].map(mib), "s/step": table["seconds_per_step"].map(lambda s: "" if s != s else f"{s:.3f}"),
-    })
-    print(show.to_string(index=False))
+    print(next(iter(tables.values())).round(3).to_string())
     for size in sizes:
         by = table[table["size"] == size].set_index("config")
         b, c = by.loc["copy", extra], by.loc["swap", extra]
@@ -243,18 +241,26 @@ def main(argv=None) -> int:
               f"(c) total {mib(by.loc['swap', 'measured_total_bytes'])} MiB vs target model + 4×selected + activations "
               f"{mib(by.loc['swap', 'target_bytes'])} MiB ({by.loc['swap', 'measured_total_bytes'] / by.loc['swap', 'target_bytes']:.1%}; "
               f"AdamW's per-tensor temporaries and allocator slack are not in the target)")
-    print(f"wrote {out / 'unlearn_memory.csv'}, .json and .png")
+    print("wrote", ", ".join(str(path) for path in paths.values()))
     return 0
 
 
-def plot(table, extra: str, path: Path) -> None:
-    import matplotlib
+def summarize(table, meta: dict) -> dict:
+    """The markdown's table: per size and configuration, measured and analytic MiB beyond the model, the target, s/step."""
+    mib = 2**20
+    shown = {"params": table["n_params"], "selected": table["n_selected"], "extra MiB (measured)": table[meta["measure"]] / mib,
+             "extra MiB (analytic, no activations)": table["analytic_extra_bytes"] / mib, "reference MiB": table["reference_bytes"] / mib,
+             "target total MiB": table["target_bytes"] / mib, "measured total MiB": table["measured_total_bytes"] / mib,
+             "s/step": table["seconds_per_step"]}
+    frame = table[["size", "config"]].assign(**shown).set_index(["size", "config"])
+    return {f"KL unlearning, {meta['steps']} steps of batch {meta['batch_size']} ({meta['measure']} over a process that only loads)": frame}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(table, extra: str, path: Path) -> None:
+    from analysis.plots import new_figure, save_figure
 
     sizes = list(dict.fromkeys(table["size"]))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    fig, axes = new_figure((5.5 * len(sizes), 4), len(sizes), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         part = table[table["size"] == size].set_index("config").loc[list(LABELS)]
         x = range(len(part))
@@ -270,9 +276,7 @@ def plot(table, extra: str, path: Path) -> None:
             ax.annotate(f"{s:.2f} s/step", (i, max(measured.iloc[i], analytic.iloc[i])), ha="center", va="bottom", fontsize=8)
         ax.legend(fontsize=8)
     fig.suptitle("KL unlearning: peak memory beyond the model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ reference copy (the reference is the model with its adapters off).
     .venv/bin/python benchmarks/unlearn_scale.py --runs 256x16:float32:full,tensor
     .venv/bin/python benchmarks/unlearn_scale.py --steps 3 --runs 256x16:float32:lora,lora-all
 
-Writes unlearn_scale.{csv,json,png} (rows merged with earlier results by size, dtype and mask).
+Writes unlearn_scale.{csv,json,md,png} through benchmarks/report.py, its rows merged with the results
+already in --out by size, dtype and mask (the JSON's `commands` lists every run that made them).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shift_memory import peak_rss_mb  # noqa: E402
+from report import command_line, peak_rss_mb, write_results  # noqa: E402
 from unlearn_memory import pick_tensors  # noqa: E402
 
 RUNS = ("256x16:float32:full,tensor,element,element-gc,lora,lora-all", "1b:bfloat16:tensor,element")
@@ -138,6 +140,13 @@ def run(data: Path, size: str, dtype: str, masks: list[str], args, work: Path) -
     return rows
 
 
+def summarize(table) -> dict:
+    """The markdown's table: time per step and memory beyond the loaded model of every run."""
+    columns = ["n_params", "fraction", "n_trained", "lora_rank", "seconds_per_step", "extra_rss_mib", "predicted_extra_mib_without_activations", "status"]
+    return {"soir unlearn (NPO): seconds per step and peak RSS beyond the loaded model (MiB)":
+            table.set_index(["size", "dtype", "mask"])[[c for c in columns if c in table]]}
+
+
 def plot(table, path: Path) -> None:
     from analysis.plots import new_figure, save_figure
 
@@ -183,27 +192,26 @@ def main() -> None:
 
     import pandas as pd
 
+    started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="soir-unlearn-scale-") as work:
         for spec in args.runs:
             size, dtype, masks = spec.split(":")
             rows += run(args.data, size, dtype, masks.split(","), args, Path(work))
     table = pd.DataFrame(rows)
-    csv = args.out / "unlearn_scale.csv"
+    csv, previous = args.out / "unlearn_scale.csv", args.out / "unlearn_scale.json"
+    commands = []
     if csv.exists():
         old = pd.read_csv(csv)
         keys = ["size", "dtype", "mask"]
         old = old[~old.set_index(keys).index.isin(table.set_index(keys).index)]
         table = pd.concat([old, table], ignore_index=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv, index=False)
-    previous = args.out / "unlearn_scale.json"
-    commands = json.loads(previous.read_text()).get("commands", []) if previous.exists() and csv.exists() else []
-    meta = {"commands": [*commands, " ".join(["python", *sys.argv])], "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 threads",
+        commands = json.loads(previous.read_text()).get("commands", []) if previous.exists() else []
+    meta = {"commands": [*commands, command_line()], "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 threads",
             "rows": table.to_dict(orient="records")}
-    (args.out / "unlearn_scale.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot(table, args.out / "unlearn_scale.png")
+    paths = write_results(args.out, "unlearn_scale", table, meta, started=started, tables=summarize(table), figure=lambda path: plot(table, path))
     print(table.to_string(index=False))
+    print("wrote", ", ".join(str(path) for path in paths.values()))
 
 
 if __name__ == "__main__":
