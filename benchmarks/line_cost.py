@@ -13,12 +13,22 @@ evaluations), which says which of the two is off. Evaluations: forget-split forw
 (the new path's are counted on the groups the reference runs on; the reference's are 12, 10 for
 a group that cannot reach Δ).
 
+Two-stage rankings (`soir rank --score soir-line --shortlist N`): every cheap first stage (`soir`
+with `--curvature kfac`, `fd`, `ggn`, and `soir-slope`) ranks every group, timed, and is compared
+with the full soir-line ranking (Spearman over the groups, unreachable ones last; overlap of the top
+10%); for each N of `--shortlists` the two-stage ranking's top 10% against the full one's, for each
+first stage, taken from the full ranking (a group's soir-line score does not depend on which other
+groups are scored, up to the search's 10⁻⁶ in log η), and for the default first stage also run
+for real and timed.
+
 Targets (docs/design.md §5, issue 20): soir-line ≤ 1.5 × soir's rank time at tensor
-granularity; ≤ 5 minutes at neuron granularity (1,550 groups) on 2 cores.
+granularity; ≤ 5 minutes at neuron granularity (1,550 groups) on 2 cores, with --shortlist or
+without; the two-stage top 10% overlaps the full one's by ≥ 0.9.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/line_cost.py --testbed demo-out --out benchmarks/results
+    /work/cpu_run .venv/bin/python benchmarks/line_cost.py --testbed /work/scratch/beds/default-s0 --out benchmarks/results
 
-Writes line_cost.{csv,json,png}.
+Writes line_cost.{csv,json,md,png} (the rank times) and line_cost_agreement.{csv,json,md} (first
+stages and two-stage rankings against the full soir-line ranking) through benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = {"tensor": ("ratio", 1.5), "neuron": ("seconds", 300.0)}
+FIRST_STAGES = ("soir:kfac", "soir:fd", "soir-slope", "soir:ggn")
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -60,7 +72,27 @@ def agreement(new: pd.DataFrame, ref: pd.DataFrame, label: str) -> dict:
             f"{label}_spearman_score": float(spearmanr(score(new), score(ref)).statistic) if len(ref) > 2 else math.nan}
 
 
-def run(testbed: Path, granularities, threads: int, reference_groups: int, converged: int, delta: float):
+def top(table: pd.DataFrame, fraction: float = 0.1) -> set:
+    """The best `fraction` of a ranking's groups (at least one), by its rank column."""
+    return set(table.sort_values("rank", kind="stable").index[: max(1, math.ceil(fraction * len(table)))])
+
+
+def top_overlap(table: pd.DataFrame, full: pd.DataFrame, fraction: float = 0.1) -> float:
+    """|top(table) ∩ top(full)| / |top(full)|."""
+    return len(top(table, fraction) & top(full, fraction)) / len(top(full, fraction))
+
+
+def two_stage_ranks(first: pd.DataFrame, full: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ranking `--shortlist n` gives from the first stage's table and the full soir-line one: the
+    first stage's best n in soir-line's order, then the rest in the first stage's order."""
+    order = list(first.sort_values("rank", kind="stable").index)
+    best = set(order[:n])
+    chosen = [g for g in full.sort_values("rank", kind="stable").index if g in best] + order[n:]
+    return pd.DataFrame({"rank": np.arange(1, len(chosen) + 1)}, index=chosen).loc[full.index]
+
+
+def run(testbed: Path, granularities, threads: int, reference_groups: int, converged: int, delta: float,
+        first_stages=(), shortlists=(), timed_shortlists=()):
     import torch
 
     from soir.data import encode, pad_id, read_split, split_batches
@@ -69,13 +101,14 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
     from soir.linesearch import line_quantities, reference_line_quantities
     from soir.models import load_model, load_tokenizer
     from soir.ranking import RankSettings, rank
+    from scipy.stats import spearmanr
 
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(testbed / "data" / "tokenizer")
     model = load_model(testbed / "finetuned", tokenizer, eager_attention=True, dtype="float32")
     pad = pad_id(tokenizer)
     splits = {s: encode(read_split(testbed / "data" / f"{s}.parquet"), tokenizer) for s in ("forget", "retain")}
-    rows, details, summary = [], [], {}
+    rows, details, summary, agreements = [], [], {}, []
     for granularity in granularities:
         times = {}
         tables = {}
@@ -133,8 +166,42 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
         for path, seconds in (("soir", times["soir"]), ("soir-line", times["soir-line"]), ("soir-line reference", reference_rank_s)):
             rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2),
                          "extrapolated": bool(path == "soir-line reference" and extrapolated),
-                         "over_soir": round(seconds / times["soir"], 3)})
-    return rows, details, summary
+                         "over_soir": round(seconds / times["soir"], 3), "threads": threads})
+        full = tables["soir-line"]
+        firsts = {}
+        for spec in first_stages:  # the cheap first stages against the full soir-line ranking
+            score, _, curvature = spec.partition(":")
+            settings = RankSettings(score=score, granularity=granularity, delta=delta, curvature=curvature or None)
+            started = time.perf_counter()
+            firsts[spec] = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False).table.set_index("group").loc[full.index]
+            seconds = time.perf_counter() - started
+            print(f"{granularity}: first stage {spec}: {seconds:.1f} s", flush=True)
+            agreements.append({"granularity": granularity, "ranking": spec, "shortlist": None, "n_groups": n_groups, "seconds": round(seconds, 2),
+                               "spearman_vs_soir_line": float(spearmanr(firsts[spec]["rank"], full["rank"]).statistic),
+                               "top10_overlap": top_overlap(firsts[spec], full), "timed": True})
+            for fraction in shortlists:
+                n = math.ceil(fraction * n_groups)
+                two = two_stage_ranks(firsts[spec], full, n)
+                agreements.append({"granularity": granularity, "ranking": f"{spec} → soir-line", "shortlist": n, "n_groups": n_groups,
+                                   "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
+                                   "top10_overlap": top_overlap(two, full), "timed": False})
+        for fraction in timed_shortlists:  # two-stage rankings run for real, with the default first stage
+            n = math.ceil(fraction * n_groups)
+            settings = RankSettings(score="soir-line", granularity=granularity, delta=delta, shortlist=n)
+            started = time.perf_counter()
+            ranking = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False)
+            seconds = time.perf_counter() - started
+            two = ranking.table.set_index("group").loc[full.index]
+            print(f"{granularity}: soir-line --shortlist {n}: {seconds:.1f} s {ranking.info['timings_s']}", flush=True)
+            rows.append({"granularity": granularity, "path": f"soir-line --shortlist {n}", "n_groups": n_groups, "seconds": round(seconds, 2),
+                         "extrapolated": False, "over_soir": round(seconds / times["soir"], 3), "threads": threads})
+            agreements.append({"granularity": granularity, "ranking": f"{settings.shortlist_by} → soir-line (run)", "shortlist": n,
+                               "n_groups": n_groups, "seconds": round(seconds, 2),
+                               "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
+                               "top10_overlap": top_overlap(two, full), "timed": True})
+            summary[granularity][f"shortlist_{n}_s"] = seconds
+            summary[granularity][f"shortlist_{n}_timings_s"] = ranking.info["timings_s"]
+    return rows, details, summary, agreements
 
 
 def plot(table: pd.DataFrame, details: pd.DataFrame, summary: dict, threads: int, path: Path) -> None:
@@ -188,22 +255,42 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=1.0)
     p.add_argument("--reference-groups", type=int, default=48, help="groups the reference runs on where there are more (default: 48)")
     p.add_argument("--converged", type=int, default=40, help="evaluations of the converged reference at tensor granularity (0: skip)")
+    p.add_argument("--first-stages", nargs="*", default=list(FIRST_STAGES),
+                   help="first stages to compare with the full soir-line ranking: SCORE or SCORE:CURVATURE")
+    p.add_argument("--shortlists", nargs="*", type=float, default=[0.1, 0.2, 0.3],
+                   help="shortlist sizes as fractions of the groups, two-stage rankings taken from the full one")
+    p.add_argument("--timed-shortlists", nargs="*", type=float, default=[0.1, 0.2],
+                   help="shortlist sizes (fractions of the groups) also run for real with the default first stage, timed")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     started = time.perf_counter()
-    rows, details, summary = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged, args.delta)
-    from soir.runtime import versions
+    rows, details, summary, agreements = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged,
+                                             args.delta, args.first_stages, args.shortlists, args.timed_shortlists)
+    from report import write_results
 
+    table, details, agreements = pd.DataFrame(rows), pd.DataFrame(details), pd.DataFrame(agreements)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table, details = pd.DataFrame(rows), pd.DataFrame(details)
-    table.to_csv(out / "line_cost.csv", index=False)
-    meta = {"command": " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv]), "testbed": str(args.testbed), "threads": args.threads,
-            "delta": args.delta, "granularities": summary, "seconds": time.perf_counter() - started, "versions": versions(),
+    if (out / "line_cost.json").exists():  # granularities run apart: keep the other granularities' results
+        earlier = json.loads((out / "line_cost.json").read_text())
+        other = [g for g in earlier.get("granularities", {}) if g not in summary]
+        summary = {**{g: earlier["granularities"][g] for g in other}, **summary}
+        details = pd.concat([pd.DataFrame([r for r in earlier.get("groups", []) if r["granularity"] in other]), details], ignore_index=True)
+        table = pd.concat([pd.read_csv(out / "line_cost.csv").query("granularity in @other"), table], ignore_index=True)
+        if (out / "line_cost_agreement.csv").exists():
+            agreements = pd.concat([pd.read_csv(out / "line_cost_agreement.csv").query("granularity in @other"), agreements], ignore_index=True)
+    notes = (f"CPU, {args.threads} thread(s), run through /work/cpu_run with other jobs on the 2-core machine (times are noisy); "
+             f"testbed {args.testbed}. No GPU was used. Granularities other than {', '.join(args.granularities)} come from an "
+             "earlier run of this script with the same settings (its rows kept when one granularity is run again).")
+    meta = {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta, "granularities": summary,
             "groups": details.to_dict(orient="records")}
-    (out / "line_cost.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    plot(table, details, summary, args.threads, out / "line_cost.png")
-    print(f"wrote {out}/line_cost.csv, .json, .png ({meta['seconds']:.0f} s)")
+    write_results(args.out, "line_cost", table, meta, started=started, tables={"rank time": table.set_index(["granularity", "path"])},
+                  figure=lambda path: plot(table, details, summary, args.threads, path), notes=notes)
+    shown = agreements.set_index(["granularity", "ranking", "shortlist"])
+    write_results(args.out, "line_cost_agreement", agreements, {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta},
+                  started=started, tables={"agreement with the full soir-line ranking": shown}, notes=notes + (
+                      " Rows with a shortlist and timed = False are taken from the full ranking (the shortlisted groups in "
+                      "soir-line's order, the rest in the first stage's); timed rows were run."))
+    print(f"wrote line_cost and line_cost_agreement under {args.out} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
