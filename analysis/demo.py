@@ -84,14 +84,16 @@ class TestbedRecipe:
 
         - `default`: the demo's testbed (3 blocks × 128);
         - `deep`: the same recipe on 8 blocks;
-        - `brief`: a base pretrained 4× longer, then finetuned briefly at a third of the rate, as
-          real finetuning is: θ moves little relative to θ (default: Δ is of the order of θ).
+        - `gentle`: a base pretrained 4× longer, then finetuned at a third of the rate, so finetuning
+          moves θ less relative to θ (on `default` ‖θ_ft − θ_base‖ is of the order of ‖θ_base‖). Ten
+          epochs instead of twenty moved it less still but left the forget set barely learned
+          (answer accuracy 0.71 against the oracle's 0.50), too weak an instrument.
         """
         default = cls(synth=SynthSettings(seed=seed), seed=seed)
         variants = {
             "default": default,
             "deep": replace(default, size=replace(default.size, layers=8)),
-            "brief": replace(default, base_steps=4 * default.base_steps, lr=default.lr / 3, finetune_epochs=10.0),
+            "gentle": replace(default, base_steps=4 * default.base_steps, lr=default.lr / 3),
         }
         if name not in variants:
             raise UserError(f"unknown testbed variant {name!r}: use one of {', '.join(variants)}")

@@ -4,12 +4,12 @@ A benchmark is only as good as its instrument: before trusting a comparison on a
 that the finetuned model really holds its forget set (teacher-forced answer accuracy far above the
 retain-only oracle's on the forget rows), keeps retain and general ability, and how far
 finetuning moved it from the base. Variants (`analysis.demo.TestbedRecipe.variant`): `default`
-(the demo's 3 × 128 OLMo), `deep` (8 blocks) and `brief` (a base pretrained 4× longer, finetuned
-briefly at a third of the rate). Each testbed is a `soir demo`-shaped folder (data/, base/,
+(the demo's 3 × 128 OLMo), `deep` (8 blocks) and `gentle` (a base pretrained 4× longer, finetuned
+at a third of the rate). Each testbed is a `soir demo`-shaped folder (data/, base/,
 finetuned/, oracle/ and `testbed.json` with its recipe) under `--out-dir`, named VARIANT-sSEED;
 a finished one is kept and only measured again.
 
-    .venv/bin/python benchmarks/testbeds.py --variants default deep brief --seeds 0 1 2 --out-dir /tmp/beds
+    .venv/bin/python benchmarks/testbeds.py --variants default deep gentle --seeds 0 1 2 --out-dir /tmp/beds
 
 Writes testbeds.{csv,json,md} into --out: per testbed, teacher-forced answer accuracy of the
 base, finetuned and oracle models on forget, retain and holdout, general multiple-choice accuracy,
@@ -90,7 +90,7 @@ def measure(path: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["default"], choices=["default", "deep", "brief"])
+    p.add_argument("--variants", nargs="+", default=["default"], choices=["default", "deep", "gentle"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out-dir", required=True, help="where the testbeds are built (VARIANT-sSEED folders)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where testbeds.{csv,json,md} go")
