@@ -169,3 +169,66 @@ def test_confine_errors(files, neurons, make_model, capsys, args, message):
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
 
+
+
+def planted_module():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import planted
+
+    return planted
+
+
+def test_neuron_placement_draws_rows_and_columns_of_one_block(make_model):
+    planted = planted_module()
+    model = make_model("olmo")
+    placement = planted.resolve_placement(model, "n", "neurons:5@1", [3, 0])
+    assert placement.granularity == "neuron" and len(placement.groups) == 5
+    assert all(g.startswith("model.layers.1.mlp.neuron.") for g in placement.groups)
+    assert placement.n_params == 5 * (32 + 32 + 32)  # a row of up and of gate, a column of down, hidden 32
+    chosen = sorted(int(g.rsplit(".", 1)[1]) for g in placement.groups)
+    up = placement.mask.element_mask("model.layers.1.mlp.up_proj.weight")
+    down = placement.mask.element_mask("model.layers.1.mlp.down_proj.weight")
+    assert up.all(1).nonzero().squeeze(1).tolist() == chosen and down.all(0).nonzero().squeeze(1).tolist() == chosen
+    again = planted.resolve_placement(model, "n", "neurons:5@1", [3, 0])
+    assert again.groups == placement.groups != planted.resolve_placement(model, "n", "neurons:5@1", [4, 0]).groups
+    tensors = planted.resolve_placement(model, "t", r"layers\.0\.mlp\.down_proj\.weight$", [0, 0])
+    assert tensors.granularity == "tensor" and tensors.groups == {"model.layers.0.mlp.down_proj.weight"}
+
+
+@pytest.mark.parametrize("spec, message", [("neurons:65@0", "has 64 MLP neurons"), ("no_such", "matches no parameter"), ("(", "not a regular")])
+def test_placement_errors(make_model, spec, message):
+    from soir.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        planted_module().resolve_placement(make_model("olmo"), "p", spec, [0, 0])
+
+
+def subject_frame(values: dict[tuple[str, int], list[float]], localizer: str = "x") -> pd.DataFrame:
+    """Per-subject values of runs: (testbed, placement index) -> one value per subject."""
+    return pd.DataFrame([{"testbed": t, "recipe": "a", "placement": str(p), "seed": 0, "unlearn_seed": 0, "localizer": localizer,
+                          "subject": f"s{j}", "accuracy": v} for (t, p), vs in values.items() for j, v in enumerate(vs)])
+
+
+def test_crossed_bootstrap_resamples_runs_and_subjects():
+    planted = planted_module()
+    runs = {("t0", 0): [0.1, 0.3, 0.5], ("t0", 1): [0.2, 0.2, 0.8], ("t1", 0): [0.0, 1.0]}
+    mean, lo, hi = planted.crossed_bootstrap(subject_frame(runs), "accuracy")
+    assert mean == pytest.approx((0.3 + 0.4 + 0.5) / 3)  # the mean over runs of each run's mean over its subjects
+    assert lo < mean < hi
+    same_subjects = {("t0", p): [0.2, 0.6, 1.0] for p in range(4)}  # runs alike: only the subject draw can move the mean
+    assert planted.crossed_bootstrap(subject_frame(same_subjects), "accuracy")[2] > 0.6 + 0.05
+    same_runs = {("t0", p): [v] * 3 for p, v in enumerate([0.2, 0.4, 0.6, 0.8])}  # subjects alike: only the run draw can
+    assert planted.crossed_bootstrap(subject_frame(same_runs), "accuracy")[1] < 0.5 - 0.05
+    assert planted.crossed_bootstrap(subject_frame({("t0", p): [0.7] * 3 for p in range(3)}), "accuracy") == pytest.approx((0.7, 0.7, 0.7))
+
+
+def test_retain_differences_pair_by_run_and_subject():
+    planted = planted_module()
+    oracle = subject_frame({("t0", 0): [0.9, 0.8], ("t0", 1): [0.5, 0.4]}, planted.ORACLE)
+    mine = subject_frame({("t0", 1): [0.45, 0.5], ("t0", 0): [0.7, 0.8]})
+    got = planted.retain_differences(pd.concat([oracle, mine.iloc[::-1]], ignore_index=True))
+    got = got.set_index(["placement", "subject"])["difference"].sort_index()
+    assert got.to_dict() == pytest.approx({("0", "s0"): -0.2, ("0", "s1"): 0.0, ("1", "s0"): -0.05, ("1", "s1"): 0.1})
