@@ -206,7 +206,8 @@ def paired(subjects: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
-    """Per variant, localizer and budget: the chosen runs' numbers, mean with a 95% interval over (testbed, subject) units."""
+    """Per variant, localizer and budget: the chosen runs' numbers (means over searches, token accuracies pooled
+    per run) and the held-out retain accuracy per (testbed, subject) unit: its mean and 95% interval."""
     acc = subject_accuracy(subjects)
     rows = []
     for (variant, localizer, budget), g in chosen.groupby(["variant", "localizer", "budget"], sort=False):
@@ -215,7 +216,7 @@ def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
         rows.append({"variant": variant, "localizer": localizer, "budget": budget, "searches": len(g),
                      "reached": int(g["reached"].sum()), "runs per search": g["runs"].mean(),
                      "val forget": g["val_forget"].mean(), "test forget": g["test_forget"].mean(),
-                     "held-out retain": g["heldout_retain"].mean(), "low": lo, "high": hi,
+                     "held-out retain": g["heldout_retain"].mean(), "per subject": units.mean(), "low": lo, "high": hi,
                      "unlearning retain": g["unlearn_retain"].mean(), "general": g["general"].mean(), "median lr": g["lr"].median()})
     return pd.DataFrame(rows)
 
@@ -249,11 +250,11 @@ def plot(table: pd.DataFrame, diffs: pd.DataFrame, path: Path) -> None:
         part = table[table.variant == variant]
         for i, (_, r) in enumerate(part.iterrows()):
             label = r["localizer"] if r["localizer"] == FULL else f"{r['localizer']} {r['budget']:.0%}"
-            y = r["held-out retain"]
+            y = r["per subject"]
             top.errorbar(r["test forget"], y, yerr=[[y - r["low"]], [r["high"] - y]], fmt="o" if r["budget"] >= FINE_BUDGET else "s",
                          color=f"C{i % 10}", capsize=2, label=label)
         top.set_xlabel("test forget accuracy (chosen run)")
-        top.set_ylabel("held-out retain accuracy")
+        top.set_ylabel("held-out retain accuracy (mean over subjects)")
         top.set_title(f"{variant}: at matched forget (mean, 95% interval)", fontsize=10)
         top.legend(fontsize=7, ncol=2)
         top.grid(alpha=0.3)
@@ -273,7 +274,7 @@ def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta
     runs.to_csv(out / "localization_runs.csv", index=False)
     subjects.to_csv(out / "localization_subjects.csv", index=False)
     table, diffs = summary(chosen, subjects), paired(subjects)
-    tables = {"Held-out retain at matched forget (mean over searches; interval: 95% bootstrap over testbed × subject)": table.set_index(["variant", "localizer", "budget"]),
+    tables = {"At matched forget (means over searches; held-out retain also per testbed × subject, with its 95% bootstrap interval)": table.set_index(["variant", "localizer", "budget"]),
               "Paired differences in held-out retain (per testbed × subject, averaged over seeds; p: sign-flip permutation)": diffs.set_index(["variant", "localizer", "budget", "against"])}
     selectivity = revert_selectivity(out / "rankings")
     if len(selectivity):
@@ -305,7 +306,8 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
             metas.append(json.loads((d / "localization.json").read_text()))
         else:
             interrupted.append({"dir": str(d), "searches": len(chosen[-1])})
-    meta = {"settings": metas[0]["settings"], "testbeds": [t for m in metas for t in m["testbeds"]],
+    settings = metas[0]["settings"] if metas else {"tol": "?", "note": "every merged run was interrupted: settings unknown"}
+    meta = {"settings": settings, "testbeds": [t for m in metas for t in m["testbeds"]],
             "merged": [{"command": m["command"], "seconds": m["seconds"]} for m in metas], "interrupted": interrupted}
     write(pd.concat(chosen, ignore_index=True), pd.concat(runs, ignore_index=True), pd.concat(subjects, ignore_index=True), meta, out, started)
     return 0

@@ -64,6 +64,7 @@ def test_paired_differences_by_hand():
                             "test_forget": 0.52, "heldout_retain": 0.85, "unlearn_retain": 0.9, "general": 0.8, "lr": 0.05}])
     table = summary(chosen, subjects)
     assert table.loc[0, "reached"] == 1 and table.loc[0, "held-out retain"] == pytest.approx(0.85)
+    assert table.loc[0, "per subject"] == pytest.approx(0.85)  # soir's two subjects: 0.9 and 0.8
 
 
 def test_revert_selectivity_by_hand(tmp_path):
