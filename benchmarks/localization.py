@@ -223,14 +223,15 @@ def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
 
 def revert_selectivity(folder: Path) -> pd.DataFrame:
     """What reverting each group to the base gives back, per testbed and granularity: with f, r the
-    forget- and retain-loss rises (`revert`), the selectivity (f − r)/(f + r) of the groups: 0 where a
-    group holds forget and retain knowledge alike, 1 where it holds only the forget set's."""
+    forget- and retain-loss rises (`revert`), the selectivity (f − r)/(|f| + |r|) of the groups: 0 where a
+    group holds forget and retain knowledge alike, 1 where reverting it costs only forget loss."""
     rows = []
     for path in sorted(folder.glob("*_revert_*.parquet")):
         t = pd.read_parquet(path)
         granularity = path.stem.rsplit("_", 1)[1]
         f, r = t["forget_rise"].to_numpy(), t["retain_rise"].to_numpy()
-        selectivity = (f - r) / np.where(f + r > 0, f + r, np.nan)
+        size = np.abs(f) + np.abs(r)
+        selectivity = (f - r) / np.where(size > 0, size, np.nan)
         top = t.sort_values("rank").head(max(1, len(t) // 10)).index
         rows.append({"testbed": t["testbed"].iloc[0], "granularity": granularity, "groups": len(t), "median forget rise": np.median(f),
                      "median retain rise": np.median(r), "median selectivity": np.nanmedian(selectivity),
@@ -278,7 +279,7 @@ def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta
               "Paired differences in held-out retain (per testbed × subject, averaged over seeds; p: sign-flip permutation)": diffs.set_index(["variant", "localizer", "budget", "against"])}
     selectivity = revert_selectivity(out / "rankings")
     if len(selectivity):
-        tables["What reverting one group to the base gives back (revert's forget and retain loss rises, nats)"] = selectivity.set_index(["testbed", "granularity"])
+        tables["What reverting one group to the base gives back (revert's forget and retain loss rises f, r in nats; selectivity (f − r)/(|f| + |r|))"] = selectivity.set_index(["testbed", "granularity"])
     notes = (f"Target: validation forget accuracy within ±{meta['settings']['tol']} of the retain-only model's (per testbed). "
              "`reached` counts the searches that got there; the others are kept with their closest run. "
              "`random`: one search per mask seed (its unlearning seed is the draw); paired differences use the mean of its masks.")
