@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def two_stage_ranks(first: pd.DataFrame, full: pd.DataFrame, n: int) -> pd.DataF
 
 
 def run(testbed: Path, granularities, threads: int, reference_groups: int, converged: int, delta: float,
-        first_stages=(), shortlists=(), timed_shortlists=()):
+        first_stages=(), shortlists=(), timed_shortlists=(), line_groups: int | None = None):
     import torch
 
     from soir.data import encode, pad_id, read_split, split_batches
@@ -112,15 +113,22 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
     for granularity in granularities:
         times = {}
         tables = {}
+        every = parameter_groups(model, granularity, RankSettings().norms)
+        n_groups = len(every)
+        # with --line-groups, the full soir-line ranking (and fd, whose cost also grows with the groups) runs on groups
+        # spread over the table, its time extrapolated to every group and the agreements taken over those groups
+        scored = every if not line_groups or n_groups <= line_groups else every[:: math.ceil(n_groups / line_groups)]
+        only = tuple("^" + re.escape(g.name) + "$" for g in scored) if len(scored) < n_groups else ()
         for score in ("soir", "soir-line"):
-            settings = RankSettings(score=score, granularity=granularity, delta=delta)
+            settings = RankSettings(score=score, granularity=granularity, delta=delta, include=only if score == "soir-line" else ())
             started = time.perf_counter()
             ranking = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False)
             times[score] = time.perf_counter() - started
             stages = ranking.info["timings_s"]
+            if score == "soir-line" and only:
+                times[score] += stages["line_search"] * (n_groups / len(scored) - 1)
             tables[score] = ranking.table.set_index("group")
             print(f"{granularity}: rank --score {score}: {times[score]:.1f} s {ranking.info['timings_s']}", flush=True)
-            n_groups = ranking.info["n_groups"]
         # the reference on the same batches as rank's (RankSettings' defaults)
         settings = RankSettings(granularity=granularity)
         forget = split_batches(splits["forget"], pad, settings.batch_size, None, settings.seed, shard=True)
@@ -128,7 +136,8 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
         groups = parameter_groups(model, granularity, settings.norms)
         names = list(dict.fromkeys(n for g in groups for n in g.param_names))
         direction = mean_gradient(model, forget, names)
-        sample = groups if len(groups) <= reference_groups else groups[:: math.ceil(len(groups) / reference_groups)]
+        pool = [g for g in groups if g.name in tables["soir-line"].index]
+        sample = pool if len(pool) <= reference_groups else pool[:: math.ceil(len(pool) / reference_groups)]
         started = time.perf_counter()
         ref = reference_line_quantities(model, forget, retain, sample, direction, delta)
         ref_s = time.perf_counter() - started
@@ -162,27 +171,32 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
                                 "evaluations_reference_mean": float(np.mean([12 if math.isfinite(v) else 10 for v in reference["eta"]])),
                                 "target": f"{'soir-line / soir' if target_kind == 'ratio' else 'soir-line seconds'} ≤ {target:g}",
                                 "target_met": bool(measured <= target), **stats}
+        summary[granularity]["line_search_groups"] = len(scored)  # line_search_s is theirs; soir_line_s extrapolates to every group
         print(granularity, json.dumps(summary[granularity], default=float), flush=True)
         for path, seconds in (("soir", times["soir"]), ("soir-line", times["soir-line"]), ("soir-line reference", reference_rank_s)):
             rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2),
-                         "extrapolated": bool(path == "soir-line reference" and extrapolated),
+                         "extrapolated": bool((path == "soir-line reference" and extrapolated) or (path == "soir-line" and only)),
                          "over_soir": round(seconds / times["soir"], 3), "threads": threads})
         full = tables["soir-line"]
         firsts = {}
         for spec in first_stages:  # the cheap first stages against the full soir-line ranking
             score, _, curvature = spec.partition(":")
-            settings = RankSettings(score=score, granularity=granularity, delta=delta, curvature=curvature or None)
+            settings = RankSettings(score=score, granularity=granularity, delta=delta, curvature=curvature or None,
+                                    include=only if curvature == "fd" else ())
             started = time.perf_counter()
             firsts[spec] = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False).table.set_index("group").loc[full.index]
             seconds = time.perf_counter() - started
             print(f"{granularity}: first stage {spec}: {seconds:.1f} s", flush=True)
+            if curvature == "fd" and only:
+                seconds = seconds * n_groups / len(scored)  # its cost grows with the groups: extrapolated
             agreements.append({"granularity": granularity, "ranking": spec, "shortlist": None, "n_groups": n_groups, "seconds": round(seconds, 2),
+                               "compared_groups": len(full),
                                "spearman_vs_soir_line": float(spearmanr(firsts[spec]["rank"], full["rank"]).statistic),
                                "top10_overlap": top_overlap(firsts[spec], full), "timed": True})
             for fraction in shortlists:
-                n = math.ceil(fraction * n_groups)
-                two = two_stage_ranks(firsts[spec], full, n)
-                agreements.append({"granularity": granularity, "ranking": f"{spec} → soir-line", "shortlist": n, "n_groups": n_groups,
+                two = two_stage_ranks(firsts[spec], full, math.ceil(fraction * len(full)))
+                agreements.append({"granularity": granularity, "ranking": f"{spec} → soir-line", "shortlist": math.ceil(fraction * n_groups),
+                                   "n_groups": n_groups, "compared_groups": len(full),
                                    "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
                                    "top10_overlap": top_overlap(two, full), "timed": False})
         for fraction in timed_shortlists:  # two-stage rankings run for real, with the default first stage
@@ -196,7 +210,7 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
             rows.append({"granularity": granularity, "path": f"soir-line --shortlist {n}", "n_groups": n_groups, "seconds": round(seconds, 2),
                          "extrapolated": False, "over_soir": round(seconds / times["soir"], 3), "threads": threads})
             agreements.append({"granularity": granularity, "ranking": f"{settings.shortlist_by} → soir-line (run)", "shortlist": n,
-                               "n_groups": n_groups, "seconds": round(seconds, 2),
+                               "n_groups": n_groups, "seconds": round(seconds, 2), "compared_groups": len(full),
                                "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
                                "top10_overlap": top_overlap(two, full), "timed": True})
             summary[granularity][f"shortlist_{n}_s"] = seconds
@@ -261,11 +275,13 @@ def main(argv=None) -> int:
                    help="shortlist sizes as fractions of the groups, two-stage rankings taken from the full one")
     p.add_argument("--timed-shortlists", nargs="*", type=float, default=[0.1, 0.2],
                    help="shortlist sizes (fractions of the groups) also run for real with the default first stage, timed")
+    p.add_argument("--line-groups", type=int, help="run the full soir-line ranking (and fd) on this many groups spread over the "
+                   "table where there are more, extrapolating its time and comparing over those groups (default: every group)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     started = time.perf_counter()
     rows, details, summary, agreements = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged,
-                                             args.delta, args.first_stages, args.shortlists, args.timed_shortlists)
+                                             args.delta, args.first_stages, args.shortlists, args.timed_shortlists, args.line_groups)
     from report import write_results
 
     table, details, agreements = pd.DataFrame(rows), pd.DataFrame(details), pd.DataFrame(agreements)
@@ -280,7 +296,10 @@ def main(argv=None) -> int:
             agreements = pd.concat([pd.read_csv(out / "line_cost_agreement.csv").query("granularity in @other"), agreements], ignore_index=True)
     notes = (f"CPU, {args.threads} thread(s), run through /work/cpu_run with other jobs on the 2-core machine (times are noisy); "
              f"testbed {args.testbed}. No GPU was used. Granularities other than {', '.join(args.granularities)} come from an "
-             "earlier run of this script with the same settings (its rows kept when one granularity is run again).")
+             "earlier run of this script with the same settings (its rows kept when one granularity is run again)." + (
+                 f" With --line-groups {args.line_groups}, the full soir-line ranking and fd ran on that many groups spread over the "
+                 "table where there are more: their times are extrapolated to every group, and every agreement is taken over those "
+                 "groups (compared_groups), the two-stage ones with the same fraction of them shortlisted." if args.line_groups else ""))
     meta = {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta, "granularities": summary,
             "groups": details.to_dict(orient="records")}
     write_results(args.out, "line_cost", table, meta, started=started, tables={"rank time": table.set_index(["granularity", "path"])},
