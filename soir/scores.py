@@ -5,9 +5,10 @@ A score is one function plus one `register_score` call naming the per-group quan
 with them as keyword arguments, plus any of `PARAMETERS` the function names (`delta`, `lam`,
 `gamma`, `seed` from the ranking settings; `name`, `n_params` of the group). Gradients of a
 group arrive flattened: per-example gradients as (n, k), mean gradients as (k,), where k is
-the group's size or, for scores that are inner products only (`sketchable`), the dimension
-of its gradient sketches. A function returns the score, or a dict with the score under
-`score` and extra columns for the ranking table.
+the group's size or, for scores that are inner products only (`sketchable`) under `--sketch`,
+the dimension of its gradient sketches; mean gradients without per-example ones then come as
+their 1–2 exact span coordinates (`soir.quantities.mean_form`, docs/design.md §6). A function
+returns the score, or a dict with the score under `score` and extra columns for the ranking table.
 
 - `soir` (default, ascending): the predicted retain damage of forgetting Δ nats by a
   gradient-ascent step restricted to the group; invariant to rescaling the group.
