@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.demo import TestbedRecipe  # noqa: E402
 from analysis.matching import find_operating_point  # noqa: E402
-from localization import halve_by_subject  # noqa: E402
+from localization import halve_by_subject, subject_of  # noqa: E402
 from report import mean_interval, write_results  # noqa: E402
 from soir.data import answer_accuracy, encode, teacher_forced  # noqa: E402
 from soir.errors import UserError  # noqa: E402
@@ -213,8 +213,8 @@ def localize(bed: Testbed, model, reference, placement: Placement, name: str, dr
 
 
 def subject_accuracy(table: pd.DataFrame) -> pd.DataFrame:
-    """Teacher-forced answer accuracy per subject (the 5-character id prefix: one person or document)."""
-    per = table.assign(subject=table["id"].str[:5]).groupby("subject")[["correct", "answer_tokens"]].sum()
+    """Teacher-forced answer accuracy per subject (the person, story or document a row is about)."""
+    per = table.assign(subject=subject_of(table["id"])).groupby("subject")[["correct", "answer_tokens"]].sum()
     return per.assign(accuracy=per["correct"] / per["answer_tokens"]).reset_index()
 
 
@@ -238,71 +238,100 @@ def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.Da
              **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean())}, subjects)
 
 
+@dataclass
+class Stage:
+    """One testbed as the plantings use it: its seed, base, evaluation sets and forget target."""
+
+    bed: Testbed
+    seed: int
+    base: object  # the pretrained base model
+    sets: dict  # val_forget, test_forget (forget subjects halved), test_retain (retain subjects never unlearned with)
+    retain_rows: pd.DataFrame  # the retain subjects GradDiff's retain term uses
+    oracle: dict  # the retain-only model's accuracies on `sets`
+    unlearn_seeds: list[int]
+
+    @property
+    def target(self) -> float:
+        """The forget accuracy unlearning is matched at: the retain-only model's on the validation forget subjects."""
+        return self.oracle["val_forget"]
+
+    @classmethod
+    def of(cls, path: str, args) -> "Stage":
+        bed = Testbed(path)
+        seed = int(testbed_training(bed.path)["seed"])
+        forget_halves, retain_halves = halve_by_subject(bed.frames["forget"]), halve_by_subject(bed.frames["retain"])
+        sets = {"val_forget": encode(forget_halves["val"], bed.tokenizer), "test_forget": encode(forget_halves["test"], bed.tokenizer),
+                "test_retain": encode(retain_halves["test"], bed.tokenizer)}
+        oracle = bed.accuracies(bed.model("oracle"), sets)
+        unlearn_seeds = [args.first_unlearn_seed + seed * args.unlearn_seeds + u for u in range(args.unlearn_seeds)]
+        return cls(bed, seed, bed.model("base"), sets, retain_halves["val"], oracle, unlearn_seeds)
+
+
+def run_planting(stage: Stage, recipe: str, name: str, spec: str, seed: int, work: Path, args) -> tuple[dict, list[dict], list[dict], list[pd.DataFrame]]:
+    """Plant, rank with every localizer, and (when there is something to forget) unlearn at matched forget:
+    (the planting's row, localization rows, unlearning rows, per-subject retain tables)."""
+    bed, started = stage.bed, time.perf_counter()
+    placement = resolve_placement(stage.base, name, spec, [stage.seed, seed])
+    start = plant(bed.path, recipe, placement, seed, work)
+    model = bed.model(start, eager=True)
+    before = bed.model("oracle" if recipe == "a" else "base")
+    where = {"testbed": bed.path.name, "recipe": recipe, "placement": name, "seed": seed}
+    accuracies = bed.accuracies(model, stage.sets)
+    planted_gain = accuracies["val_forget"] - stage.target  # what there is to forget
+    planting = {**where, "granularity": placement.granularity, "planted": " ".join(sorted(placement.groups)), "n_params": placement.n_params,
+                **bed.accuracies(model), **accuracies, "planted_gain": planted_gain, "holds_forget": planted_gain > args.tol,
+                "seconds": round(time.perf_counter() - started, 1)}
+    print(f"planted {planting}", flush=True)
+    common = {**where, "granularity": placement.granularity, "k": len(placement.groups), "planted_params": placement.n_params}
+    rows, masks = [], {ORACLE: [placement.mask]}
+    skip = args.neuron_skip if placement.granularity == "neuron" else []
+    for localizer in [name for name in [*args.localizers, CIRCULAR] if name not in skip]:
+        score = "shift" if localizer == CIRCULAR else localizer
+        t = time.perf_counter()
+        found = localize(bed, model, before if localizer == CIRCULAR else stage.base, placement, score,
+                         range(args.random_masks) if score == "random" else [seed], args)
+        stats = {key: float(np.mean([f[0][key] for f in found])) for key in ("precision_at_k", "recall_at_2k", "average_precision", "precision_params")}
+        rows.append({**common, "localizer": localizer, "rank_seconds": round((time.perf_counter() - t) / len(found), 2), **stats,
+                     "top_k": found[0][0]["top_k"]})
+        masks[localizer] = [f[1] for f in found]
+    rows.append({**common, "localizer": ORACLE, "precision_at_k": 1.0, "recall_at_2k": 1.0, "average_precision": 1.0, "precision_params": 1.0,
+                 "top_k": " ".join(sorted(placement.groups))})
+    unlearning, subjects = [], []
+    for unlearn_seed in stage.unlearn_seeds if args.unlearn and planted_gain > args.tol else []:
+        for localizer in [ORACLE, *[u for u in args.unlearn if u in masks]]:
+            t = time.perf_counter()
+            choices = masks[localizer]  # random: the draw of this unlearning seed
+            found, per_subject = matched_unlearning(bed, start, choices[unlearn_seed % len(choices)], stage.retain_rows, stage.sets,
+                                                    stage.target, unlearn_seed, args)
+            key = {**where, "unlearn_seed": unlearn_seed, "localizer": localizer}
+            unlearning.append({**key, "granularity": placement.granularity, **found, "seconds": round(time.perf_counter() - t, 1)})
+            subjects.append(per_subject.assign(**key))
+    for done in (rows, unlearning):
+        print(pd.DataFrame(done).drop(columns=["top_k", *PLANTING], errors="ignore").to_string(index=False, float_format=lambda x: f"{x:.3f}"),
+              flush=True)
+    return planting, rows, unlearning, subjects
+
+
 def run(args) -> tuple[dict[str, pd.DataFrame], dict]:
     placements = dict(p.split("=", 1) for p in args.placements) if args.placements else None
     rows, unlearning, subjects, planting, testbeds = [], [], [], [], {}
-    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="soir-planted-") as work:
         for path in args.testbed:
-            bed = Testbed(path)
-            bed_seed = int(testbed_training(bed.path)["seed"])
-            base = bed.model("base")
-            specs = placements or default_placements(base.config.num_hidden_layers)
-            forget_halves = halve_by_subject(bed.frames["forget"])
-            retain_halves = halve_by_subject(bed.frames["retain"])  # "val": GradDiff's retain term; "test": never seen by unlearning
-            sets = {"val_forget": encode(forget_halves["val"], bed.tokenizer), "test_forget": encode(forget_halves["test"], bed.tokenizer),
-                    "test_retain": encode(retain_halves["test"], bed.tokenizer)}
-            oracle = bed.accuracies(bed.model("oracle"), sets)
-            target = oracle["val_forget"]
-            testbeds[str(bed.path)] = {"seed": bed_seed, "retain_only_model": oracle, "target_val_forget": target, "placements": specs}
-            print(f"testbed {bed.path} (seed {bed_seed}): retain-only model {oracle}; target validation forget {target:.3f}", flush=True)
-            unlearn_seeds = [args.first_unlearn_seed + bed_seed * args.unlearn_seeds + u for u in range(args.unlearn_seeds)]
+            stage = Stage.of(path, args)
+            specs = placements or default_placements(stage.base.config.num_hidden_layers)
+            testbeds[str(stage.bed.path)] = {"seed": stage.seed, "retain_only_model": stage.oracle, "target_val_forget": stage.target,
+                                             "placements": specs}
+            print(f"testbed {stage.bed.path} (seed {stage.seed}): retain-only model {stage.oracle}; target validation forget {stage.target:.3f}",
+                  flush=True)
             for recipe in args.recipes:
                 for name, spec in specs.items():
                     for seed in range(args.first_seed, args.first_seed + args.seeds):
-                        started = time.perf_counter()
-                        placement = resolve_placement(base, name, spec, [bed_seed, seed])
-                        start = plant(bed.path, recipe, placement, seed, Path(work) / f"{recipe}-{len(planting)}")
-                        model = bed.model(start, eager=True)
-                        before = bed.model("oracle" if recipe == "a" else "base")
-                        where = {"testbed": bed.path.name, "recipe": recipe, "placement": name, "seed": seed}
-                        accuracies = bed.accuracies(model, sets)
-                        planted_gain = accuracies["val_forget"] - target  # what there is to forget
-                        planting.append({**where, "granularity": placement.granularity, "planted": " ".join(sorted(placement.groups)),
-                                         "n_params": placement.n_params, **bed.accuracies(model), **accuracies, "planted_gain": planted_gain,
-                                         "holds_forget": planted_gain > args.tol, "seconds": round(time.perf_counter() - started, 1)})
-                        print(f"planted {planting[-1]}", flush=True)
-                        masks = {ORACLE: [placement.mask]}
-                        skip = args.neuron_skip if placement.granularity == "neuron" else []
-                        for localizer in [l for l in [*args.localizers, CIRCULAR] if l not in skip]:
-                            score = "shift" if localizer == CIRCULAR else localizer
-                            t = time.perf_counter()
-                            found = localize(bed, model, before if localizer == CIRCULAR else base, placement, score,
-                                             range(args.random_masks) if score == "random" else [seed], args)
-                            stats = {key: float(np.mean([f[0][key] for f in found]))
-                                     for key in ("precision_at_k", "recall_at_2k", "average_precision", "precision_params")}
-                            rows.append({**where, "localizer": localizer, "granularity": placement.granularity, "k": len(placement.groups),
-                                         "planted_params": placement.n_params, "rank_seconds": round((time.perf_counter() - t) / len(found), 2),
-                                         **stats, "top_k": found[0][0]["top_k"]})
-                            masks[localizer] = [f[1] for f in found]
-                        rows.append({**where, "localizer": ORACLE, "granularity": placement.granularity, "k": len(placement.groups),
-                                     "planted_params": placement.n_params, "precision_at_k": 1.0, "recall_at_2k": 1.0,
-                                     "average_precision": 1.0, "precision_params": 1.0, "top_k": " ".join(sorted(placement.groups))})
-                        for unlearn_seed in unlearn_seeds if args.unlearn and planted_gain > args.tol else []:
-                            for localizer in [ORACLE, *[u for u in args.unlearn if u in masks]]:
-                                t = time.perf_counter()
-                                choices = masks[localizer]  # random: the draw of this unlearning seed
-                                found, per_subject = matched_unlearning(bed, start, choices[unlearn_seed % len(choices)], retain_halves["val"],
-                                                                        sets, target, unlearn_seed, args)
-                                run_key = {**where, "unlearn_seed": unlearn_seed, "localizer": localizer}
-                                unlearning.append({**run_key, "granularity": placement.granularity, **found,
-                                                   "seconds": round(time.perf_counter() - t, 1)})
-                                subjects.append(per_subject.assign(**run_key))
-                        save_tables(out, collect(rows, unlearning, subjects, planting), partial=True)  # what is done survives an interruption
-                        for done in (rows, unlearning):
-                            mine = [r for r in done if all(r[k] == v for k, v in where.items())]
-                            print(pd.DataFrame(mine).drop(columns=["top_k", *PLANTING], errors="ignore")
-                                  .to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
+                        done = run_planting(stage, recipe, name, spec, seed, Path(work) / f"{recipe}-{len(planting)}", args)
+                        planting.append(done[0])
+                        rows += done[1]
+                        unlearning += done[2]
+                        subjects += done[3]
+                        save_tables(Path(args.out), collect(rows, unlearning, subjects, planting), partial=True)  # survives an interruption
     meta = {"testbeds": testbeds, "recipes": RECIPES, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     return collect(rows, unlearning, subjects, planting), meta
 
