@@ -92,6 +92,8 @@ RECIPES = {"a": "from retain-only", "b": "realistic"}
 LOCALIZERS = ("revert", "soir-slope", "cancel", "soir", "soir-line", "soir-datainf", "grad-magnitude", "fo-influence", "fisher", "wagle", "shift", "random")
 CIRCULAR = "shift (circular)"
 ORACLE = "planted mask"
+FULL = "full"  # --unlearn full: GradDiff on the whole model, the reference localized unlearning must beat
+FULL_RATE_RATIO = 30  # the full model reaches the target at about 1/30 of a 10% mask's rate on the testbed (localization.py)
 UNLEARNED = ("revert", "soir-slope", "cancel", "soir", "shift", "random")
 NEURON_SPEC = re.compile(r"^neurons:(\d+)(?:@(\d+))?$")
 NEURONS = 170
@@ -232,7 +234,8 @@ def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.Da
         model = bed.unlearn(start, mask, "graddiff", lr, args.steps, seed, retain=retain_rows)
         return bed.accuracies(model, {"val_forget": sets["val_forget"]})["val_forget"], model
 
-    point = find_operating_point(attempt, target, args.lr_range[0], args.lr_range[1], tol=args.tol, max_runs=args.max_runs)
+    lo, hi = (r / FULL_RATE_RATIO for r in args.lr_range) if mask.is_full else args.lr_range  # every weight moves: far lower rates
+    point = find_operating_point(attempt, target, lo, hi, tol=args.tol, max_runs=args.max_runs)
     acc, subjects = measure(bed, point.result, sets)
     return ({"reached": point.reached, "lr": point.lr, "runs": point.n_runs, "why_not": point.reason,
              **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean())}, subjects)
@@ -283,7 +286,7 @@ def run_planting(stage: Stage, recipe: str, name: str, spec: str, seed: int, wor
                 "seconds": round(time.perf_counter() - started, 1)}
     print(f"planted {planting}", flush=True)
     common = {**where, "granularity": placement.granularity, "k": len(placement.groups), "planted_params": placement.n_params}
-    rows, masks = [], {ORACLE: [placement.mask]}
+    rows, masks = [], {ORACLE: [placement.mask], FULL: [Mask.full(model)]}
     skip = args.neuron_skip if placement.granularity == "neuron" else []
     for localizer in [name for name in [*args.localizers, CIRCULAR] if name not in skip]:
         score = "shift" if localizer == CIRCULAR else localizer
@@ -528,7 +531,8 @@ def main(argv=None) -> int:
     p.add_argument("--random-masks", type=int, default=10, help="random rankings averaged for `random` (default: 10)")
     p.add_argument("--max-examples", type=int, default=128, help="rows per split the localizers rank with (default: 128)")
     p.add_argument("--unlearn", nargs="*", default=[], metavar="LOCALIZER",
-                   help=f"GradDiff at matched forget on these localizers' selections and on the planted mask (e.g. {' '.join(UNLEARNED)})")
+                   help=f"GradDiff at matched forget on these localizers' selections and on the planted mask (e.g. {' '.join(UNLEARNED)}; "
+                        f"{FULL}: the whole model)")
     p.add_argument("--unlearn-seeds", type=int, default=1, help="unlearning seeds per planting (default: 1)")
     p.add_argument("--first-unlearn-seed", type=int, default=0,
                    help="unlearning seeds are this + testbed seed × --unlearn-seeds + 0, 1, …: they differ across testbeds (default: 0)")
