@@ -60,6 +60,7 @@ from testbeds import GENERAL, RECIPE_FILE  # noqa: E402
 
 LOCALIZERS = ("soir", "soir-slope", "revert", "shift")
 RANDOM, FULL = "random", "full model"
+RANKINGS = "localization_rankings"  # every localizer's ranking table, per testbed and granularity
 FINE_BUDGET = 0.05  # budgets below this select neuron groups
 SETS = ("val_forget", "test_forget", "heldout_retain", "unlearn_retain")
 
@@ -93,7 +94,7 @@ def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[
                            RankSettings(score=score, granularity=granularity, max_examples=args.max_examples, seed=score_seed),
                            base_model=base if SCORES[score].needs_base else None, progress=False)
             if score != RANDOM:  # kept for the diagnosis (e.g. revert's forget and retain rises per group)
-                folder = Path(args.out) / "rankings"
+                folder = Path(args.out) / RANKINGS
                 folder.mkdir(parents=True, exist_ok=True)
                 ranking.table.assign(testbed=bed.path.name).to_parquet(folder / f"{bed.path.name}_{score}_{granularity}.parquet")
             return ranking
@@ -277,7 +278,7 @@ def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta
     table, diffs = summary(chosen, subjects), paired(subjects)
     tables = {"At matched forget (means over searches; held-out retain also per testbed × subject, with its 95% bootstrap interval)": table.set_index(["variant", "localizer", "budget"]),
               "Paired differences in held-out retain (per testbed × subject, averaged over seeds; p: sign-flip permutation)": diffs.set_index(["variant", "localizer", "budget", "against"])}
-    selectivity = revert_selectivity(out / "rankings")
+    selectivity = revert_selectivity(out / RANKINGS)
     if len(selectivity):
         tables["What reverting one group to the base gives back (revert's forget and retain loss rises f, r in nats; selectivity (f − r)/(|f| + |r|))"] = selectivity.set_index(["testbed", "granularity"])
     notes = (f"Target: validation forget accuracy within ±{meta['settings']['tol']} of the retain-only model's (per testbed). "
@@ -300,9 +301,9 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
         chosen.append(pd.read_csv(d / f"{prefix}.csv"))
         runs.append(pd.read_csv(d / ("localization_runs.csv" if done else "localization_partial_runs.csv")))
         subjects.append(pd.read_csv(d / ("localization_subjects.csv" if done else "localization_partial_subjects.csv")))
-        for ranking in (d / "rankings").glob("*.parquet"):
-            (out / "rankings").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ranking, out / "rankings" / ranking.name)
+        for ranking in (d / RANKINGS).glob("*.parquet"):
+            (out / RANKINGS).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ranking, out / RANKINGS / ranking.name)
         if done:
             metas.append(json.loads((d / "localization.json").read_text()))
         else:
