@@ -495,10 +495,10 @@ def write_report(out: Path, recipe: StudyRecipe) -> dict:
 
 
 # expected seconds per stage on 2 cores. default: the stage lines of `make demo` on a fresh clone on 2 idle cores
-# (2026-12-03, the README's "Quick start"); quick: an earlier `soir demo --quick` run, not measured again
+# (2026-12-07, the README's "Quick start"); quick: an earlier `soir demo --quick` run, not measured again
 EXPECTED = {
-    "default": {"data": 1, "base": 31, "finetuned": 64, "oracle": 40, "shift": 1, "rankings": 31, "unlearning": 62, "evaluation": 33,
-                "curves": 41, "probes": 26, "report": 1},
+    "default": {"data": 1, "base": 39, "finetuned": 76, "oracle": 63, "shift": 1, "rankings": 19, "unlearning": 93, "evaluation": 43,
+                "curves": 47, "probes": 37, "report": 1},
     "quick": {"data": 3, "base": 8, "finetuned": 20, "oracle": 12, "shift": 2, "rankings": 8, "unlearning": 10, "evaluation": 15,
               "curves": 10, "probes": 8, "report": 4},
 }
