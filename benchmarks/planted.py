@@ -484,8 +484,10 @@ def write(tables: dict[str, pd.DataFrame], meta: dict, out: Path, started: float
              "planted model, its forget and retain rows, and for `shift` and `revert` the pretrained base). Localizers rank "
              "tensor groups, and neuron groups for the neuron placement. `retain − oracle`: each localizer's per-subject test "
              "retain minus the oracle's at matched validation forget, paired per planting, unlearning seed and subject; runs "
-             "that did not reach the target are counted with their closest run. Target (issue 19): the recommended score "
-             "within 0.02 of the oracle.")
+             "that did not reach the target are counted with their closest run; `full` unlearns the whole planted model, the "
+             "reference localized unlearning must beat. Plantings whose validation forget is not above the retain-only model's "
+             "by more than the tolerance hold nothing to forget: ranked, not unlearned. Target (issue 19): the recommended "
+             "score within 0.02 of the oracle.")
     paths = write_results(out, "planted", tables["localization"], meta, started=started, tables=summaries,
                           figure=lambda p: plot(tables, p), notes=notes)
     for file in ["planted.csv", *OUTPUTS.values()]:  # the finished tables replace what an interrupted run left
