@@ -1,5 +1,6 @@
-"""Unlearning methods side by side on one mask: graddiff, npo, idk, dpo, rmu, graddiff with SophiaG, and
-OpenUnlearning's wga, satimp, undial, ce-u and altpo (each objective at its own defaults).
+"""Unlearning methods side by side on one mask: every unlearning objective in the registry
+(`unlearn.objectives.OBJECTIVES`, all but `finetune`; each at its own defaults) with AdamW, and
+graddiff with SophiaG.
 
 Given a testbed made by `soir demo --out DIR` (DIR/data/{forget,retain,holdout}.parquet,
 DIR/finetuned/, DIR/oracle/), this ranks the finetuned model with the default `soir` score,
@@ -13,37 +14,32 @@ and the retain-only oracle are measured the same way, as the two ends of the tra
     .venv/bin/python benchmarks/methods.py --testbed DIR                      # teacher-forced only
     .venv/bin/python benchmarks/methods.py --testbed DIR --generate --lrs 1e-3 3e-3 1e-2
 
-Writes methods.csv (one row per run), methods.json (the command, settings, mask, rows) and
-methods.png (retain against forget answer accuracy, one marker per method, one point per
-learning rate; with --generate a second panel of ROUGE-L) into --out.
+Writes methods.csv (one row per run), methods.json (the command, settings, mask, rows), methods.md
+(one table of every run) and methods.png (retain against forget answer accuracy, one marker per
+method, one point per learning rate; with --generate a second panel of ROUGE-L) into --out,
+through benchmarks/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import itertools
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# label -> (objective, optimizer)
-METHODS = {
-    "graddiff": ("graddiff", "adamw"),
-    "npo": ("npo", "adamw"),
-    "idk": ("idk", "adamw"),
-    "dpo": ("dpo", "adamw"),
-    "rmu": ("rmu", "adamw"),
-    "graddiff-sophiag": ("graddiff", "sophiag"),
-    "wga": ("wga", "adamw"),
-    "satimp": ("satimp", "adamw"),
-    "undial": ("undial", "adamw"),
-    "ce-u": ("ce-u", "adamw"),
-    "altpo": ("altpo", "adamw"),
-}
+from report import write_results  # noqa: E402
+from unlearn.objectives import OBJECTIVES, unlearns  # noqa: E402
+
+# label -> (objective, optimizer): every registered objective that unlearns, with AdamW; GradDiff with SophiaG too
+METHODS = {**{name: (name, "adamw") for name, objective in OBJECTIVES.items() if unlearns(objective)},
+           "graddiff-sophiag": ("graddiff", "sophiag")}
 SPLITS = ("forget", "retain", "holdout")
 
 
@@ -83,18 +79,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where methods.{csv,json,png} go")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where methods.{csv,json,md,png} go")
     args = p.parse_args(argv)
 
-    import pandas as pd
     import torch
 
     from soir.data import DataSettings, pad_id, read_split
     from soir.errors import UserError
-    from soir.io import atomic_path, write_json
     from soir.models import ModelSettings
     from soir.ranking import RankSettings, rank
-    from soir.runtime import versions
     from soir.select import SelectSettings, select
     from unlearn.loop import TrainSettings
     from unlearn.objectives import ObjectiveSettings
@@ -130,53 +123,55 @@ def main(argv=None) -> int:
         for lr in args.lrs:
             model = spec.load(tokenizer, seed=args.seed)
             train = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=lr, optimizer=optimizer, seed=args.seed, progress=False)
-            started = time.perf_counter()
+            run_started = time.perf_counter()
             try:
                 result = unlearn_model(model, tokenizer, frames["forget"], frames["retain"], mask, objective=objective, weights=weights,
                                        train=train, data=data)
                 row = {"method": label, "objective": objective, "optimizer": optimizer, "lr": lr, "steps": result.steps_done,
-                       "seconds": round(time.perf_counter() - started, 2), "final_loss": result.final_loss,
+                       "seconds": round(time.perf_counter() - run_started, 2), "final_loss": result.final_loss,
                        **measure(model, tokenizer, frames, data, args.generate, args.max_new_tokens)}
             except UserError as error:  # a diverging run (non-finite loss) is a result, not a crash
                 row = {"method": label, "objective": objective, "optimizer": optimizer, "lr": lr, "steps": None,
-                       "seconds": round(time.perf_counter() - started, 2), "error": str(error)}
+                       "seconds": round(time.perf_counter() - run_started, 2), "error": str(error)}
             rows.append(row)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("/accuracy", "/regurgitation")) and isinstance(v, float))
             print(f"{label:>17} lr {lr:g}: {shown or row.get('error')} ({row['seconds']:.0f} s)", file=sys.stderr)
 
     table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "methods.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    record = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["methods.py", *argv]),
+    meta = {
         "testbed": str(testbed),
         "settings": {"methods": {m: METHODS[m] for m in args.methods}, "lrs": args.lrs, "steps": args.steps, "batch_size": args.batch_size,
                      "top": args.top, "by": "params", "score": "soir", "weights": asdict(weights),
                      "generate": args.generate, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "threads": args.threads},
         "mask": {"n_selected": mask.n_selected, "n_total": mask.n_total, "tensors": mask.tensors, "elements": list(mask.elements)},
         "rows": table.to_dict(orient="records"),
-        "versions": versions(),
     }
-    write_json(args.out / "methods.json", record)
-    plot(table, args.out / "methods.png", args.generate)
-    print(table.to_string(index=False))
-    print(f"wrote {args.out / 'methods.csv'}, .json and .png", file=sys.stderr)
+    tables = summarize(table, meta)
+    paths = write_results(args.out, "methods", table, meta, started=started, tables=tables,
+                          figure=lambda path: plot(table, path, args.generate))
+    print(next(iter(tables.values())).to_string())
+    print("wrote", ", ".join(str(path) for path in paths.values()), file=sys.stderr)
     return 0
 
 
-def plot(table, path: Path, generate: bool) -> None:
+def summarize(table: pd.DataFrame, meta: dict) -> dict:
+    """The markdown's table: every run (and the two reference models), forget, retain and holdout side by side."""
+    settings = meta["settings"]
+    first = ["objective", "optimizer", "forget/accuracy", "retain/accuracy", "holdout/accuracy", "forget/loss", "retain/loss", "holdout/loss"]
+    generated = [c for c in ("forget/regurgitation", "retain/regurgitation", "forget/knowledge", "retain/knowledge", "mia_auc") if c in table]
+    columns = [c for c in [*first, *generated, "final_loss", "seconds", "error"] if c in table]
+    title = (f"Every objective on the soir top-{settings['top']:.0%} mask ({meta['mask']['n_selected']:,} of {meta['mask']['n_total']:,} "
+             f"parameters), {settings['steps']} steps of batch {settings['batch_size']}, teacher-forced answer accuracy and loss")
+    return {title: table.set_index(["method", "lr"])[columns]}
+
+
+def plot(table: pd.DataFrame, path: Path, generate: bool) -> None:
     """Retain against forget, one marker per method, one point per learning rate (labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from soir.io import atomic_path
+    from analysis.plots import new_figure, save_figure
 
     panels = [("accuracy", "teacher-forced answer accuracy")] + ([("regurgitation", "ROUGE-L recall (greedy)")] if generate else [])
-    markers = dict(zip(["finetuned", "oracle", *METHODS], ["*", "P", "o", "s", "^", "v", "D", "X", "<", ">", "h", "p", "8"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    markers = dict(zip(["finetuned", "oracle", *METHODS], itertools.chain("*P", itertools.cycle("os^vDX<>hp8dH"))))
+    fig, axes = new_figure((6 * len(panels), 5), len(panels), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for method, part in table.groupby("method", sort=False):
             part = part.dropna(subset=[f"forget/{metric}", f"retain/{metric}"]) if f"forget/{metric}" in part else part.iloc[:0]
@@ -191,12 +186,9 @@ def plot(table, path: Path, generate: bool) -> None:
         ax.set_ylabel(f"retain {metric} (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncols=2)
     fig.suptitle("unlearning methods on the soir top-10% mask (points: learning rates)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
