@@ -94,11 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out-dir", required=True, help="where the testbeds are built (VARIANT-sSEED folders)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where testbeds.{csv,json,md} go")
+    p.add_argument("--built-only", action="store_true", help="measure the variant × seed testbeds already built, build none")
     args = p.parse_args(argv)
     started = time.perf_counter()
     rows = []
     for variant in args.variants:
         for seed in args.seeds:
+            if args.built_only and not (Path(args.out_dir) / f"{variant}-s{seed}" / RECIPE_FILE).is_file():
+                continue
             rows.append(measure(ensure_testbed(Path(args.out_dir), variant, seed)))
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
