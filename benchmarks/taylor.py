@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.matching import find_operating_point  # noqa: E402
-from localization import halve_by_subject  # noqa: E402
+from localization import halve_by_subject, subject_of  # noqa: E402
 from report import command_line, write_results  # noqa: E402
 from soir.curvature import group_direction, split_loss  # noqa: E402
 from soir.data import answer_accuracy, encode, example_losses, split_batches, teacher_forced  # noqa: E402
@@ -203,10 +203,9 @@ class Site:
         self.oracle = measured(self.bed, self.bed.model("oracle"), self.halves.sets)
         self.target = self.oracle["held_forget_accuracy"]
         h = self.halves
-        subjects = lambda frame: frame["id"].str[:5].nunique()  # noqa: E731
         self.info = {"testbed": str(path), "target": self.target, "finetuned": self.finetuned, "oracle": self.oracle,
                      "rows": {k: len(v) for k, v in h.encoded.items()},
-                     "subjects": {f"{w}_{s}": subjects(f[s]) for w, f in (("fitted", h.fitted), ("held", h.held)) for s in ("forget", "retain")}}
+                     "subjects": {f"{w}_{s}": subject_of(f[s]["id"]).nunique() for w, f in (("fitted", h.fitted), ("held", h.held)) for s in ("forget", "retain")}}
         print(f"{self.tag}: {len(self.groups)} groups; {self.info}", flush=True)
 
     def rank_and_check(self, args, parts: Path) -> None:

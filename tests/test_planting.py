@@ -170,7 +170,6 @@ def test_confine_errors(files, neurons, make_model, capsys, args, message):
     assert not out.exists()
 
 
-
 def planted_module():
     import sys
     from pathlib import Path
