@@ -104,7 +104,7 @@ def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[
             mask = select(ranked(localizer), model, SelectSettings(top=budget, by="params"))
             print(f"  ranked by {localizer} ({granularity}): {time.perf_counter() - started:.0f} s", flush=True)
             out += [({"localizer": localizer, "budget": budget, "mask_seed": -1}, mask, u) for u in range(args.unlearn_seeds)]
-        for draw in range(args.random_masks):
+        for draw in range(args.first_random_mask, args.first_random_mask + args.random_masks):
             mask_seed = 1000 * seed + draw  # every testbed and draw its own mask
             out.append(({"localizer": RANDOM, "budget": budget, "mask_seed": mask_seed},
                         select(ranked(RANDOM, mask_seed), model, SelectSettings(top=budget, by="params")), draw))
@@ -318,10 +318,13 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbeds", nargs="+", default=[], metavar="DIR", help="testbed folders (benchmarks/testbeds.py or `soir demo` outputs)")
-    p.add_argument("--localizers", nargs="+", default=list(LOCALIZERS))
+    p.add_argument("--localizers", nargs="*", default=list(LOCALIZERS), help="scores to rank with (none: only `random` "
+                   "and the full model; default: %(default)s)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.01], help="fractions of all parameters (default: 0.1 0.01)")
     p.add_argument("--unlearn-seeds", type=int, default=3, help="unlearning seeds per localizer selection and for the full model (default: 3)")
     p.add_argument("--random-masks", type=int, default=4, help="random masks per budget and testbed, each unlearned once (default: 4)")
+    p.add_argument("--first-random-mask", type=int, default=0, help="the first random mask's draw, to add masks to an earlier run "
+                   "and --merge them (default: 0)")
     p.add_argument("--steps", type=int, default=30, help="GradDiff steps (batch 32; default: 30)")
     p.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="the search's first bracket for masks (default: 1e-3 1e-2)")
     p.add_argument("--full-lrs", type=float, nargs=2, default=[1e-4, 1e-3], help="the full model's first bracket (default: 1e-4 1e-3)")

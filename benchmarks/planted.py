@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tempfile
@@ -226,10 +227,23 @@ def measure(bed: Testbed, model, sets: dict) -> tuple[dict, pd.DataFrame]:
     return {name: answer_accuracy(t) for name, t in tables.items()}, subject_accuracy(tables["test_retain"])
 
 
+def update_in(before, after, planted: Mask) -> float:
+    """The share of the update's squared norm ‖θ_after − θ_before‖² that lies in the planted entries: does
+    unlearning the whole model put its change where the knowledge was planted by itself?"""
+    start = dict(before.named_parameters())
+    inside = total = 0.0
+    for name, p in after.named_parameters():
+        moved = (p.detach().double() - start[name].detach().double()) ** 2
+        total += float(moved.sum())
+        inside += float(moved[planted.element_mask(name)].sum())
+    return inside / total if total > 0 else math.nan
+
+
 def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.DataFrame, sets: dict, target: float, seed: int,
-                       args) -> tuple[dict, pd.DataFrame]:
+                       args, planted: Mask) -> tuple[dict, pd.DataFrame]:
     """GradDiff on `mask` at the rate whose validation forget is within tol of `target`: that run's test
-    numbers, and its per-subject retain (the search measures validation forget only)."""
+    numbers, its per-subject retain (the search measures validation forget only) and the share of its
+    update in the `planted` entries."""
     def attempt(lr: float):
         model = bed.unlearn(start, mask, "graddiff", lr, args.steps, seed, retain=retain_rows)
         return bed.accuracies(model, {"val_forget": sets["val_forget"]})["val_forget"], model
@@ -238,7 +252,8 @@ def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.Da
     point = find_operating_point(attempt, target, lo, hi, tol=args.tol, max_runs=args.max_runs)
     acc, subjects = measure(bed, point.result, sets)
     return ({"reached": point.reached, "lr": point.lr, "runs": point.n_runs, "why_not": point.reason,
-             **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean())}, subjects)
+             **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean()),
+             "update_in_planted": update_in(bed.model(start), point.result, planted)}, subjects)
 
 
 @dataclass
@@ -305,9 +320,10 @@ def run_planting(stage: Stage, recipe: str, name: str, spec: str, seed: int, wor
             t = time.perf_counter()
             choices = masks[localizer]  # random: the draw of this unlearning seed
             found, per_subject = matched_unlearning(bed, start, choices[unlearn_seed % len(choices)], stage.retain_rows, stage.sets,
-                                                    stage.target, unlearn_seed, args)
+                                                    stage.target, unlearn_seed, args, placement.mask)
             key = {**where, "unlearn_seed": unlearn_seed, "localizer": localizer}
-            unlearning.append({**key, "granularity": placement.granularity, **found, "seconds": round(time.perf_counter() - t, 1)})
+            unlearning.append({**key, "granularity": placement.granularity, **found,
+                               "planted_fraction": placement.n_params / placement.mask.n_total, "seconds": round(time.perf_counter() - t, 1)})
             subjects.append(per_subject.assign(**key))
     for done in (rows, unlearning):
         print(pd.DataFrame(done).drop(columns=["top_k", *PLANTING], errors="ignore").to_string(index=False, float_format=lambda x: f"{x:.3f}"),
@@ -425,6 +441,10 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
             row = {"localizer": localizer, "runs": len(g), "reached target": f"{int(g['reached'].sum())}/{len(g)}",
                    "test forget": interval(g["unlearned_test_forget"].mean(), *mean_interval(g["unlearned_test_forget"].to_numpy())),
                    "test retain (per subject)": interval(*crossed_bootstrap(mine, "accuracy"))}
+            if "update_in_planted" in g and g["update_in_planted"].notna().any():  # runs before this column have none
+                shares = g["update_in_planted"].dropna().to_numpy()
+                row["update in planted"] = interval(shares.mean(), *mean_interval(shares))
+                row["planted share of parameters"] = f"{g['planted_fraction'].mean():.3f}"
             if localizer != ORACLE:
                 row["retain − oracle"] = interval(*crossed_bootstrap(differences[differences.localizer == localizer].merge(g[RUN], on=RUN), "difference"))
             rows.append(row)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -231,3 +233,20 @@ def test_retain_differences_pair_by_run_and_subject():
     got = planted.retain_differences(pd.concat([oracle, mine.iloc[::-1]], ignore_index=True))
     got = got.set_index(["placement", "subject"])["difference"].sort_index()
     assert got.to_dict() == pytest.approx({("0", "s0"): -0.2, ("0", "s1"): 0.0, ("1", "s0"): -0.05, ("1", "s1"): 0.1})
+
+
+def test_update_in_planted_is_the_planted_share_of_the_squared_update(make_model):
+    planted = planted_module()
+    before = make_model("olmo").double()
+    placement = planted.resolve_placement(before, "n", "neurons:3@1", [0, 0])
+    after = make_model("olmo").double()
+    after.load_state_dict(before.state_dict())
+    up, embed = "model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"
+    rows = placement.mask.element_mask(up).all(1).nonzero().squeeze(1)
+    with torch.no_grad():
+        named = dict(after.named_parameters())
+        named[up][rows[0], :2] += torch.tensor([3.0, 4.0])  # inside: 9 + 16
+        named[up][next(i for i in range(64) if i not in rows.tolist()), 0] += 1.0  # a row outside the 3 planted neurons: 1
+        named[embed][0, 0] -= 5.0  # outside: 25
+    assert planted.update_in(before, after, placement.mask) == pytest.approx(25 / 51, rel=1e-12)
+    assert math.isnan(planted.update_in(before, before, placement.mask))
