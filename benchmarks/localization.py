@@ -111,8 +111,9 @@ def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[
     return out
 
 
-def run_testbed(path: Path, args) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """Every search on one testbed: (chosen runs, all runs, per-subject held-out retain, testbed facts)."""
+def run_testbed(path: Path, args, earlier: tuple[list, list, list] = ([], [], [])) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Every search on one testbed: (chosen runs, all runs, per-subject held-out retain, testbed facts); the partial
+    files hold these after the `earlier` testbeds' rows, so an interrupted run keeps every testbed it finished."""
     info = testbed_info(path)
     bed = Testbed(path)
     forget_halves = halve_by_subject(bed.frames["forget"])
@@ -166,7 +167,7 @@ def run_testbed(path: Path, args) -> tuple[list[dict], list[dict], list[dict], d
         print(f"  {describe['localizer']} @ {describe['budget']:g} seed {seed}: lr {point.lr:.3g}, val forget {acc['val_forget']:.3f} "
               f"(target {target:.3f}{'' if point.reached else ', NOT REACHED: ' + point.reason}), held-out retain "
               f"{acc['heldout_retain']:.3f}, {point.n_runs} runs, {row['seconds']:.0f} s", flush=True)
-        save_partial(Path(args.out), chosen, runs, subjects)
+        save_partial(Path(args.out), earlier[0] + chosen, earlier[1] + runs, earlier[2] + subjects)
     return chosen, runs, subjects, facts
 
 
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
         p.error("give --testbeds DIR ... (or --merge DIR ...)")
     chosen, runs, subjects, facts = [], [], [], []
     for path in map(Path, args.testbeds):
-        c, r, s, f = run_testbed(path, args)
+        c, r, s, f = run_testbed(path, args, (chosen, runs, subjects))
         chosen += c
         runs += r
         subjects += s
