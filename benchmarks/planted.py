@@ -75,6 +75,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.demo import TestbedRecipe  # noqa: E402
 from analysis.matching import find_operating_point  # noqa: E402
+from analysis.relearn import RelearnSettings, relearn_attack  # noqa: E402
 from localization import halve_by_subject, subject_of  # noqa: E402
 from report import mean_interval, write_results  # noqa: E402
 from soir.data import answer_accuracy, encode, teacher_forced  # noqa: E402
@@ -253,7 +254,18 @@ def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.Da
     acc, subjects = measure(bed, point.result, sets)
     return ({"reached": point.reached, "lr": point.lr, "runs": point.n_runs, "why_not": point.reason,
              **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean()),
-             "update_in_planted": update_in(bed.model(start), point.result, planted)}, subjects)
+             "update_in_planted": update_in(bed.model(start), point.result, planted), **relearned(bed, point.result, seed, args)}, subjects)
+
+
+def relearned(bed: Testbed, model, seed: int, args) -> dict:
+    """The relearning attack (`analysis.relearn`, --relearn-steps AdamW steps on half of the forget subjects):
+    teacher-forced forget accuracy on the other half before and after. Knowledge only suppressed comes back."""
+    if not args.relearn_steps:
+        return {}
+    attack = relearn_attack(model, bed.tokenizer, bed.frames["forget"],
+                            settings=RelearnSettings(steps=args.relearn_steps, seed=seed, generate=False, progress=False))
+    held = attack["held_out"]
+    return {"relearn_before": held["before"]["accuracy"], "relearn_after": held["after"]["accuracy"], "relearned": held["recovered"]["accuracy"]}
 
 
 @dataclass
@@ -296,8 +308,9 @@ def run_planting(stage: Stage, recipe: str, name: str, spec: str, seed: int, wor
     where = {"testbed": bed.path.name, "recipe": recipe, "placement": name, "seed": seed}
     accuracies = bed.accuracies(model, stage.sets)
     planted_gain = accuracies["val_forget"] - stage.target  # what there is to forget
+    never = {f"retain_only_{k}": v for k, v in relearned(bed, bed.model("oracle"), seed, args).items()}
     planting = {**where, "granularity": placement.granularity, "planted": " ".join(sorted(placement.groups)), "n_params": placement.n_params,
-                **bed.accuracies(model), **accuracies, "planted_gain": planted_gain, "holds_forget": planted_gain > args.tol,
+                **bed.accuracies(model), **accuracies, "planted_gain": planted_gain, "holds_forget": planted_gain > args.tol, **never,
                 "seconds": round(time.perf_counter() - started, 1)}
     print(f"planted {planting}", flush=True)
     common = {**where, "granularity": placement.granularity, "k": len(placement.groups), "planted_params": placement.n_params}
@@ -441,6 +454,13 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
             row = {"localizer": localizer, "runs": len(g), "reached target": f"{int(g['reached'].sum())}/{len(g)}",
                    "test forget": interval(g["unlearned_test_forget"].mean(), *mean_interval(g["unlearned_test_forget"].to_numpy())),
                    "test retain (per subject)": interval(*crossed_bootstrap(mine, "accuracy"))}
+            if "relearned" in g and g["relearned"].notna().any():
+                gains = g["relearned"].dropna().to_numpy()
+                row["relearned (held-back forget accuracy)"] = interval(gains.mean(), *mean_interval(gains))
+                if localizer != ORACLE:  # paired by run with the planted-mask oracle's attack
+                    pairs = g.merge(unlearning[unlearning.localizer == ORACLE][[*RUN, "relearned"]], on=RUN, suffixes=("", "_oracle"))
+                    d = (pairs["relearned"] - pairs["relearned_oracle"]).dropna().to_numpy()
+                    row["relearned − oracle"] = interval(d.mean(), *mean_interval(d)) if len(d) else ""
             if "update_in_planted" in g and g["update_in_planted"].notna().any():  # runs before this column have none
                 shares = g["update_in_planted"].dropna().to_numpy()
                 row["update in planted"] = interval(shares.mean(), *mean_interval(shares))
@@ -450,6 +470,10 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
             rows.append(row)
         out[f"Matched-forget GradDiff, {title}: mean [95% bootstrap interval over runs and held-out retain subjects]"] = (
             pd.DataFrame(rows).set_index("localizer").fillna(""))
+    if "retain_only_relearned" in planting and planting["retain_only_relearned"].notna().any():
+        gains = planting["retain_only_relearned"].dropna().to_numpy()
+        out["Relearning attack on the retain-only model (never knew the forget set): what the attack teaches by itself"] = pd.DataFrame(
+            [{"plantings": len(gains), "relearned (held-back forget accuracy)": interval(gains.mean(), *mean_interval(gains))}])
     out["Retain − oracle per recipe and placement (mean over testbeds, unlearning seeds and subjects)"] = differences.pivot_table(
         index="localizer", columns=["recipe", "placement"], values="difference", sort=False)
     return out
@@ -562,6 +586,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr-range", type=float, nargs=2, default=[1e-3, 1e-1], help="the search's first bracket (default: 1e-3 1e-1)")
     p.add_argument("--tol", type=float, default=0.01, help="validation forget within ±tol of the target (default: 0.01)")
     p.add_argument("--max-runs", type=int, default=8)
+    p.add_argument("--relearn-steps", type=int, default=0, help="after each matched-forget run, the relearning attack: this many "
+                   "steps on half of the forget subjects, forget accuracy on the other half (default: 0, no attack)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of runs over other recipes, placements or testbeds into --out, and stop")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
