@@ -38,7 +38,13 @@ planting seed:
    of the retain-only model's; the other half of the forget subjects and retain subjects never
    used in unlearning are the test. A run that cannot reach the target is counted as such.
    Each planting is unlearned with `--unlearn-seeds` seeds, numbered from the testbed's seed so
-   they differ across testbeds; `random`'s unlearning mask is its draw of that seed.
+   they differ across testbeds; `random`'s unlearning mask is its draw of that seed. Each run
+   also records the share of its update's squared norm that lies in the planted entries (does
+   unlearning the whole model put its change where the knowledge is?) and, with
+   `--relearn-steps N`, the relearning attack (`analysis.relearn`: N steps on half of the
+   forget subjects, teacher-forced forget accuracy gained on the other half; the same attack on
+   the retain-only model says what it teaches a model that never knew): is knowledge removed
+   where it lives harder to bring back than knowledge suppressed elsewhere?
 
 Statistics: localization numbers, mean and bootstrap 95% interval over plantings (placements ×
 testbeds × planting seeds, resampled together). Matched retain on the held-out retain subjects:
