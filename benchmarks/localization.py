@@ -159,7 +159,7 @@ def run_testbed(path: Path, args, earlier: tuple[list, list, list] = ([], [], []
         row = {**where, **describe, "unlearn_seed": seed, "n_selected": mask.n_selected, "fraction": mask.n_selected / mask.n_total,
                "reached": point.reached, "why_not": point.reason, "lr": point.lr, "runs": point.n_runs, **acc,
                "general": mmlu_accuracy(unlearned, bed.tokenizer, general, GENERAL).accuracy,
-               "seconds": round(time.perf_counter() - started, 1)}
+               **bed.relearned(unlearned, args.relearn_steps, seed), "seconds": round(time.perf_counter() - started, 1)}
         chosen.append(row)
         per_subject = heldout.assign(subject=subject_of(heldout["id"])).groupby("subject")[["correct", "answer_tokens"]].sum()
         subjects += [{**where, **describe, "unlearn_seed": seed, "subject": s, "correct": int(r.correct), "answer_tokens": int(r.answer_tokens)}
@@ -220,7 +220,9 @@ def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
                      "reached": int(g["reached"].sum()), "runs per search": g["runs"].mean(),
                      "val forget": g["val_forget"].mean(), "test forget": g["test_forget"].mean(),
                      "held-out retain": g["heldout_retain"].mean(), "per subject": units.mean(), "low": lo, "high": hi,
-                     "unlearning retain": g["unlearn_retain"].mean(), "general": g["general"].mean(), "median lr": g["lr"].median()})
+                     "unlearning retain": g["unlearn_retain"].mean(), "general": g["general"].mean(), "median lr": g["lr"].median(),
+                     **({"relearned": g["relearned"].mean(), "relearned low": (r := mean_interval(g["relearned"]))[0], "relearned high": r[1]}
+                        if "relearned" in g and g["relearned"].notna().any() else {})})
     return pd.DataFrame(rows)
 
 
@@ -335,6 +337,8 @@ def main(argv=None) -> int:
                    "starts from its rate ÷ and × this (default: 1.5)")
     p.add_argument("--tol", type=float, default=0.01, help="validation forget within ±tol of the target (default: 0.01)")
     p.add_argument("--max-runs", type=int, default=8)
+    p.add_argument("--relearn-steps", type=int, default=0, help="after each search, the relearning attack on its run: this many steps "
+                   "on half of the forget subjects, forget accuracy gained on the other half (default: 0, no attack)")
     p.add_argument("--max-examples", type=int, default=128, help="rows per split the localizers rank with (default: 128)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of runs on other testbeds into --out, and stop")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

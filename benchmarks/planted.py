@@ -81,7 +81,6 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.demo import TestbedRecipe  # noqa: E402
 from analysis.matching import find_operating_point  # noqa: E402
-from analysis.relearn import RelearnSettings, relearn_attack  # noqa: E402
 from localization import halve_by_subject, subject_of  # noqa: E402
 from report import mean_interval, write_results  # noqa: E402
 from soir.data import answer_accuracy, encode, teacher_forced  # noqa: E402
@@ -260,18 +259,7 @@ def matched_unlearning(bed: Testbed, start: Path, mask: Mask, retain_rows: pd.Da
     acc, subjects = measure(bed, point.result, sets)
     return ({"reached": point.reached, "lr": point.lr, "runs": point.n_runs, "why_not": point.reason,
              **{f"unlearned_{k}": v for k, v in acc.items()}, "unlearned_subject_retain": float(subjects["accuracy"].mean()),
-             "update_in_planted": update_in(bed.model(start), point.result, planted), **relearned(bed, point.result, seed, args)}, subjects)
-
-
-def relearned(bed: Testbed, model, seed: int, args) -> dict:
-    """The relearning attack (`analysis.relearn`, --relearn-steps AdamW steps on half of the forget subjects):
-    teacher-forced forget accuracy on the other half before and after. Knowledge only suppressed comes back."""
-    if not args.relearn_steps:
-        return {}
-    attack = relearn_attack(model, bed.tokenizer, bed.frames["forget"],
-                            settings=RelearnSettings(steps=args.relearn_steps, seed=seed, generate=False, progress=False))
-    held = attack["held_out"]
-    return {"relearn_before": held["before"]["accuracy"], "relearn_after": held["after"]["accuracy"], "relearned": held["recovered"]["accuracy"]}
+             "update_in_planted": update_in(bed.model(start), point.result, planted), **bed.relearned(point.result, args.relearn_steps, seed)}, subjects)
 
 
 @dataclass
@@ -314,7 +302,7 @@ def run_planting(stage: Stage, recipe: str, name: str, spec: str, seed: int, wor
     where = {"testbed": bed.path.name, "recipe": recipe, "placement": name, "seed": seed}
     accuracies = bed.accuracies(model, stage.sets)
     planted_gain = accuracies["val_forget"] - stage.target  # what there is to forget
-    never = {f"retain_only_{k}": v for k, v in relearned(bed, bed.model("oracle"), seed, args).items()}
+    never = {f"retain_only_{k}": v for k, v in bed.relearned(bed.model("oracle"), args.relearn_steps, seed).items()}
     planting = {**where, "granularity": placement.granularity, "planted": " ".join(sorted(placement.groups)), "n_params": placement.n_params,
                 **bed.accuracies(model), **accuracies, "planted_gain": planted_gain, "holds_forget": planted_gain > args.tol, **never,
                 "seconds": round(time.perf_counter() - started, 1)}

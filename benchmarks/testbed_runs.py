@@ -1,5 +1,6 @@
-"""What the evidence benchmarks share: a `soir demo` testbed loaded once, and "unlearn a fresh
-copy of a model with a mask, then measure teacher-forced answer accuracy"."""
+"""What the evidence benchmarks share: a `soir demo` testbed loaded once, "unlearn a fresh
+copy of a model with a mask, then measure teacher-forced answer accuracy", and the relearning
+attack on a result."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from analysis.relearn import RelearnSettings, relearn_attack  # noqa: E402
 from soir.data import Encoded, answer_accuracy, encode, pad_id, read_split, teacher_forced  # noqa: E402
 from soir.mask import Mask  # noqa: E402
 from soir.models import load_model, load_tokenizer  # noqa: E402
@@ -54,3 +56,13 @@ class Testbed:
                   sets: dict[str, Encoded] | None = None) -> dict[str, float]:
         """Accuracies after unlearning a fresh copy of `start` with `mask` (`unlearn`)."""
         return self.accuracies(self.unlearn(start, mask, objective, lr, steps, seed), sets)
+
+    def relearned(self, model, steps: int, seed: int) -> dict[str, float]:
+        """The relearning attack (`analysis.relearn`: `steps` AdamW steps on half of the forget subjects) on a
+        copy of `model`: teacher-forced forget accuracy on the other half before and after, and the gain.
+        Knowledge only suppressed comes back; {} when `steps` is 0."""
+        if not steps:
+            return {}
+        held = relearn_attack(model, self.tokenizer, self.frames["forget"],
+                              settings=RelearnSettings(steps=steps, seed=seed, generate=False, progress=False))["held_out"]
+        return {"relearn_before": held["before"]["accuracy"], "relearn_after": held["after"]["accuracy"], "relearned": held["recovered"]["accuracy"]}
