@@ -17,6 +17,9 @@ accuracy is within ±`--tol` of the retain-only oracle's, the forgetting an exac
 reaches; the chosen run's test numbers are reported, and a run that cannot reach the target is
 counted as such and kept (with its closest run). A search starts from the rates around the one the
 last search of the same localizer and budget chose (`--warm`), or from `--lrs` / `--full-lrs`.
+With `--relearn-steps N` each chosen run also faces the relearning attack (N steps on half of the
+forget subjects, teacher-forced forget accuracy gained on the other half): does a mask that
+forgets as much leave knowledge that comes back more, or less, easily than the full model?
 
 Statistics: paired differences of held-out retain accuracy against `random` (the mean of the
 random masks at the same budget) and against the full model, per (testbed, held-out subject),
