@@ -450,6 +450,7 @@ def summarize(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
                    "test retain (per subject)": interval(*crossed_bootstrap(mine, "accuracy"))}
             if "relearned" in g and g["relearned"].notna().any():
                 gains = g["relearned"].dropna().to_numpy()
+                row["attacked runs"] = len(gains)
                 row["relearned (held-back forget accuracy)"] = interval(gains.mean(), *mean_interval(gains))
                 if localizer != ORACLE:  # paired by run with the planted-mask oracle's attack
                     pairs = g.merge(unlearning[unlearning.localizer == ORACLE][[*RUN, "relearned"]], on=RUN, suffixes=("", "_oracle"))
