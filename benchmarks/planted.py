@@ -537,6 +537,16 @@ def write(tables: dict[str, pd.DataFrame], meta: dict, out: Path, started: float
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
 
+ROW_KEYS = {"localization": [*PLANTING, "localizer"], "unlearning": [*RUN, "localizer"], "subjects": [*RUN, "localizer", "subject"],
+            "planting": PLANTING}  # what one row of each table is about
+
+
+def joined(frames: list[pd.DataFrame], table: str) -> pd.DataFrame:
+    """Several runs' rows of one table as one; a run that adds a localizer to earlier plantings repeats
+    their planting, oracle and circular rows, which count once, as the first run has them."""
+    return pd.concat(frames, ignore_index=True).drop_duplicates(ROW_KEYS[table])
+
+
 def merge(dirs: list[Path], out: Path, started: float) -> int:
     """Join runs over other recipes, placements or testbeds (same settings) into one set of outputs."""
     finished = [d for d in dirs if (d / "planted.json").is_file()]
@@ -546,7 +556,7 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
         path = d / (file if d in finished else file.replace(".csv", "_partial.csv"))
         return pd.read_csv(path, dtype={"subject": str, "testbed": str}) if path.is_file() else None
 
-    tables = {key: pd.concat([f for d in dirs if (f := read(d, file)) is not None], ignore_index=True)
+    tables = {key: joined([f for d in dirs if (f := read(d, file)) is not None], key)
               for key, file in {"localization": "planted.csv", **OUTPUTS}.items() if any(read(d, file) is not None for d in dirs)}
     metas = [json.loads((d / "planted.json").read_text()) for d in finished]
     meta = {"testbeds": {k: v for m in metas for k, v in m["testbeds"].items()}, "recipes": RECIPES, "settings": metas[0]["settings"],

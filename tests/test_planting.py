@@ -235,6 +235,17 @@ def test_retain_differences_pair_by_run_and_subject():
     assert got.to_dict() == pytest.approx({("0", "s0"): -0.2, ("0", "s1"): 0.0, ("1", "s0"): -0.05, ("1", "s1"): 0.1})
 
 
+def test_joined_runs_count_a_repeated_planting_once_as_the_first_run_has_it():
+    planted = planted_module()
+    first = pd.concat([subject_frame({("t0", 0): [0.9, 0.8]}, planted.ORACLE), subject_frame({("t0", 0): [0.7, 0.6]}, "soir")])
+    later = pd.concat([subject_frame({("t0", 0): [0.1, 0.2], ("t1", 0): [0.3]}, planted.ORACLE),
+                       subject_frame({("t0", 0): [0.5, 0.4]}, "revert")])  # re-planted t0 to add revert, and a new testbed
+    got = planted.joined([first, later], "subjects").set_index(["testbed", "localizer", "subject"])["accuracy"]
+    assert got.to_dict() == {("t0", planted.ORACLE, "s0"): 0.9, ("t0", planted.ORACLE, "s1"): 0.8, ("t0", "soir", "s0"): 0.7,
+                             ("t0", "soir", "s1"): 0.6, ("t1", planted.ORACLE, "s0"): 0.3, ("t0", "revert", "s0"): 0.5,
+                             ("t0", "revert", "s1"): 0.4}
+
+
 def test_update_in_planted_is_the_planted_share_of_the_squared_update(make_model):
     planted = planted_module()
     before = make_model("olmo").double()
