@@ -298,16 +298,25 @@ def write(chosen: pd.DataFrame, runs: pd.DataFrame, subjects: pd.DataFrame, meta
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
 
+SEARCH = ["variant", "testbed", "localizer", "budget", "mask_seed", "unlearn_seed"]  # what identifies one operating-point search
+
+
+def first_seen(table: pd.DataFrame, seen: set[tuple]) -> pd.DataFrame:
+    """The rows of `table` whose search is not in `seen` (searches an earlier merged run already has)."""
+    return table[[key not in seen for key in table[SEARCH].itertuples(index=False, name=None)]]
+
+
 def merge(dirs: list[Path], out: Path, started: float) -> int:
     """Join the outputs of runs on other testbeds (same settings) into one set of outputs; an interrupted
     run's partial rows count, and the JSON says so."""
-    chosen, runs, subjects, metas, interrupted = [], [], [], [], []
+    chosen, runs, subjects, metas, interrupted, seen = [], [], [], [], [], set()
     for d in dirs:
         done = (d / "localization.json").is_file()
-        prefix = "localization" if done else "localization_partial"
-        chosen.append(pd.read_csv(d / f"{prefix}.csv"))
-        runs.append(pd.read_csv(d / ("localization_runs.csv" if done else "localization_partial_runs.csv")))
-        subjects.append(pd.read_csv(d / ("localization_subjects.csv" if done else "localization_partial_subjects.csv")))
+        tables = [pd.read_csv(d / (f"localization{name}.csv" if done else f"localization_partial{name}.csv")) for name in ("", "_runs", "_subjects")]
+        fresh = [first_seen(table, seen) for table in tables]  # a search an earlier directory has (e.g. the full model) counts once
+        seen |= set(tables[0][SEARCH].itertuples(index=False, name=None))
+        for kept, table in zip((chosen, runs, subjects), fresh):
+            kept.append(table)
         for ranking in (d / RANKINGS).glob("*.parquet"):
             (out / RANKINGS).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ranking, out / RANKINGS / ranking.name)

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from localization import halve_by_subject, paired, summary  # noqa: E402
+from localization import first_seen, halve_by_subject, paired, summary  # noqa: E402
 from report import mean_interval, sign_flip_p  # noqa: E402
 
 
@@ -79,3 +79,14 @@ def test_revert_selectivity_by_hand(tmp_path):
     assert row["max selectivity"] == pytest.approx(1.0) and row["top 10% selectivity"] == pytest.approx(1.0)
     assert row["median selectivity"] == pytest.approx(np.median([1.0, 0.0, -0.5, -0.5]))
     assert row["share f > r"] == pytest.approx(0.25)
+
+
+def test_merge_keeps_a_search_only_from_the_first_run_that_has_it():
+    def search(localizer, budget, unlearn_seed, lr):
+        return {"variant": "default", "testbed": "t0", "localizer": localizer, "budget": budget, "mask_seed": -1,
+                "unlearn_seed": unlearn_seed, "lr": lr}
+    seen = {("default", "t0", "full model", 1.0, -1, 0)}  # an earlier run searched the full model with unlearning seed 0
+    later = pd.DataFrame([search("full model", 1.0, 0, 1e-3), search("full model", 1.0, 0, 1e-2), search("full model", 1.0, 1, 1e-3),
+                          search("soir", 0.01, 0, 1e-3)])
+    kept = first_seen(later, seen)
+    assert kept[["localizer", "unlearn_seed", "lr"]].values.tolist() == [["full model", 1, 1e-3], ["soir", 0, 1e-3]]
