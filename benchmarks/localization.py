@@ -207,8 +207,8 @@ def paired(subjects: pd.DataFrame) -> pd.DataFrame:
                 lo, hi = mean_interval(d)
                 rows.append({"variant": variant, "localizer": localizer, "budget": budget, "against": against, "units": len(d),
                              "difference": float(d.mean()), "low": lo, "high": hi, "p": sign_flip_p(d)})
-    return pd.DataFrame(rows, columns=["variant", "localizer", "budget", "against", "units", "difference", "low", "high", "p"])  # a run of
-    # random masks alone has nothing to pair: its table is empty until --merge joins it with the others
+    # a run of random masks alone has nothing to pair: its table is empty until --merge joins it with the others
+    return pd.DataFrame(rows, columns=["variant", "localizer", "budget", "against", "units", "difference", "low", "high", "p"])
 
 
 def summary(chosen: pd.DataFrame, subjects: pd.DataFrame) -> pd.DataFrame:
