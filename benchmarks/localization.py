@@ -88,7 +88,8 @@ def testbed_info(path: Path) -> dict:
 def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[tuple[dict, Mask, int]]:
     """(description, mask, unlearning seed) of every run on this testbed."""
     forget_enc, retain_enc = bed.encoded["forget"], encode(retain_rows, bed.tokenizer)
-    out = [({"localizer": FULL, "budget": 1.0, "mask_seed": -1}, Mask.full(model), u) for u in range(args.unlearn_seeds)]
+    unlearn_seeds = range(args.first_unlearn_seed, args.first_unlearn_seed + args.unlearn_seeds)
+    out = [({"localizer": FULL, "budget": 1.0, "mask_seed": -1}, Mask.full(model), u) for u in unlearn_seeds]
     for budget in args.budgets:
         granularity = "neuron" if budget < FINE_BUDGET else "tensor"
 
@@ -106,7 +107,7 @@ def selections(bed: Testbed, model, base, retain_rows, args, seed: int) -> list[
             started = time.perf_counter()
             mask = select(ranked(localizer), model, SelectSettings(top=budget, by="params"))
             print(f"  ranked by {localizer} ({granularity}): {time.perf_counter() - started:.0f} s", flush=True)
-            out += [({"localizer": localizer, "budget": budget, "mask_seed": -1}, mask, u) for u in range(args.unlearn_seeds)]
+            out += [({"localizer": localizer, "budget": budget, "mask_seed": -1}, mask, u) for u in unlearn_seeds]
         for draw in range(args.first_random_mask, args.first_random_mask + args.random_masks):
             mask_seed = 1000 * seed + draw  # every testbed and draw its own mask
             out.append(({"localizer": RANDOM, "budget": budget, "mask_seed": mask_seed},
@@ -338,6 +339,8 @@ def main(argv=None) -> int:
                    "and the full model; default: %(default)s)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.01], help="fractions of all parameters (default: 0.1 0.01)")
     p.add_argument("--unlearn-seeds", type=int, default=3, help="unlearning seeds per localizer selection and for the full model (default: 3)")
+    p.add_argument("--first-unlearn-seed", type=int, default=0, help="the first unlearning seed, to add seeds to an earlier run "
+                   "and --merge them (default: 0)")
     p.add_argument("--random-masks", type=int, default=4, help="random masks per budget and testbed, each unlearned once (default: 4)")
     p.add_argument("--first-random-mask", type=int, default=0, help="the first random mask's draw, to add masks to an earlier run "
                    "and --merge them (default: 0)")
