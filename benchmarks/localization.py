@@ -313,7 +313,8 @@ def merge(dirs: list[Path], out: Path, started: float) -> int:
     chosen, runs, subjects, metas, interrupted, seen = [], [], [], [], [], set()
     for d in dirs:
         done = (d / "localization.json").is_file()
-        tables = [pd.read_csv(d / (f"localization{name}.csv" if done else f"localization_partial{name}.csv")) for name in ("", "_runs", "_subjects")]
+        prefix = "localization" if done else "localization_partial"
+        tables = [pd.read_csv(d / f"{prefix}{name}.csv") for name in ("", "_runs", "_subjects")]
         fresh = [first_seen(table, seen) for table in tables]  # a search an earlier directory has (e.g. the full model) counts once
         seen |= set(tables[0][SEARCH].itertuples(index=False, name=None))
         for kept, table in zip((chosen, runs, subjects), fresh):

@@ -22,8 +22,8 @@ NAME=REGEX|neurons:N[@BLOCK] ...` runs others. Localizers rank at `tensor` granu
 `neuron` granularity for a neuron placement (`--neuron-skip` leaves out localizers too slow
 there: `revert` takes one forward of each split per group, ~1,560 groups, about 290 s per
 planting on one core). A planting whose validation forget is not above the retain-only model's
-by more than `--tol` holds nothing to forget: it is ranked and reported, but not unlearned. Per testbed × recipe × placement ×
-planting seed:
+by more than `--tol` holds nothing to forget: it is ranked and reported, but not unlearned. Per
+testbed × recipe × placement × planting seed:
 
 1. *Where was it written?* Every localizer ranks the planted model's groups: precision of the
    planted groups in its top k (k = the number planted), precision of its selection at the
@@ -57,9 +57,10 @@ resamples plantings and, within each testbed, subjects (a crossed bootstrap).
 On few cores split recipes, placements or testbeds over processes (`--out` each,
 OMP_NUM_THREADS=1) and join them with `--merge DIR DIR ...` (a run that plants again to add a
 localizer, e.g. `--placements ... --localizers revert`, adds only its rows: what the earlier run
-has counts once). Writes planted.{csv,json,md,png} (csv: one row per testbed × recipe × placement × seed × localizer), planted_planting.csv (each
-planted model's accuracies), planted_unlearning.csv (each matched GradDiff run) and
-planted_subjects.csv (its per-subject retain).
+has counts once). Writes planted.{csv,json,md,png} (csv: one row per testbed × recipe ×
+placement × seed × localizer), planted_planting.csv (each planted model's accuracies),
+planted_unlearning.csv (each matched GradDiff run) and planted_subjects.csv (its per-subject
+retain).
 """
 
 from __future__ import annotations
