@@ -57,7 +57,7 @@ def synth(args) -> int:
 
 
 RANK_FLAGS = ("granularity", "norms", "curvature", "memory_budget", "sketch", "dim", "batch_size", "max_examples", "shortlist",
-              "shortlist_by", "include", "exclude")
+              "shortlist_by", "line_batch", "include", "exclude")
 
 
 def rank_arguments(p) -> None:

@@ -508,6 +508,88 @@ class RecordedForwards:
                     total += float(self.loss_fn(self.model, batch).double().sum())
         return total
 
+    def totals(self, start: int, steps: Sequence[tuple[Mapping[str, Tensor], float]]) -> list[float]:
+        """`total` at θ + η_k v_k for each step (v_k, η_k), every v_k changing only parameters inside
+        block `start` or above. One step: changed in place and restored bit for bit. Several: one
+        forward of each batch repeated once per step (the replicas of block `start` share its
+        recorded input), in which each replica's rows run the modules holding its parameters with
+        them changed (`replicated`); the blocks above run on all replicas at once."""
+        named = dict(self.model.named_parameters())
+        if len(steps) == 1:
+            (direction, eta), = steps
+            with changed(named, direction, eta):
+                return [self.total(start)]
+        sums = torch.zeros(len(steps), dtype=torch.float64)
+        with eval_mode(self.model, no_grad=True):
+            for batch, outputs in zip(self.batches, self.outputs):
+                rows = batch["input_ids"].shape[0]
+                below = [repeat_rows(out, len(steps), rows) if i == start - 1 else out for i, out in enumerate(outputs)]
+                with self.cache.skip_below(start, below), replicated(self.model, named, steps, rows):
+                    losses = self.loss_fn(self.model, {k: repeat_rows(t, len(steps), rows) for k, t in batch.items()})
+                sums += losses.double().view(len(steps), rows).sum(1).cpu()
+        return sums.tolist()
+
+
+@contextlib.contextmanager
+def changed(named: Mapping[str, Tensor], direction: Mapping[str, Tensor], eta: float):
+    """Parameters at θ + η v within the context, restored bit for bit after it."""
+    kept = {n: named[n].detach().clone() for n in direction}
+    try:
+        with torch.no_grad():
+            for n, v in direction.items():
+                named[n].add_(v, alpha=eta)
+        yield
+    finally:
+        with torch.no_grad():
+            for n in direction:
+                named[n].copy_(kept[n])
+
+
+def repeat_rows(value, times: int, rows: int):
+    """`value` (a tensor, or a tuple or list of them) with every tensor of `rows` rows along dim 0
+    repeated `times` times, replica after replica; anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(repeat_rows(v, times, rows) for v in value)
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows:
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+    return value
+
+
+@contextlib.contextmanager
+def replicated(model: nn.Module, named: Mapping[str, Tensor], steps: Sequence[tuple[Mapping[str, Tensor], float]], rows: int):
+    """Within the context, a forward of len(steps) × `rows` rows runs replica k's rows (the k-th
+    block of `rows`) through every module that holds a parameter of step k at θ + η_k v_k (in
+    place, one replica at a time, restored bit for bit). Those modules must take the rows along dim
+    0 of their first input, as the linear layers and norms inside a transformer block do."""
+    by_id = {id(named[n]): n for direction, _ in steps for n in direction}
+    owners = [m for m in model.modules() if any(id(p) in by_id for p in m.parameters(recurse=False))]
+
+    def forward_of(module: nn.Module, original: Callable):
+        mine = {by_id[id(p)] for p in module.parameters(recurse=False) if id(p) in by_id}
+
+        def forward(x: Tensor, *args, **kwargs):
+            if x.shape[0] != rows * len(steps):
+                raise RuntimeError(f"{type(module).__name__} got {x.shape[0]} rows along dim 0, not {len(steps)} replicas × {rows}: "
+                                   "its group cannot share a batched forward")
+            outs = []
+            for (direction, eta), chunk in zip(steps, x.split(rows)):
+                with changed(named, {n: v for n, v in direction.items() if n in mine}, eta):
+                    outs.append(original(chunk, *args, **kwargs))
+            return torch.cat(outs)
+        return forward
+
+    patched = {module: module.__dict__.get("forward") for module in owners}  # an instance's own forward, if it has one
+    for module in owners:
+        module.forward = forward_of(module, module.forward)
+    try:
+        yield
+    finally:
+        for module, own in patched.items():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
 
 def fd_quadratic_forms(model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], vectors: Mapping[str, Tensor],
                        step: float = FD_STEP, bar=None, loss_fn: LossFn = example_losses) -> dict[str, float]:
@@ -654,6 +736,7 @@ class CurvatureOptions:
     seed: int = 0
     ggn_samples: int = 1
     delta: float = 1.0
+    replicas: int = 1  # groups whose line searches share one forward (soir.linesearch)
 
 
 @dataclass(frozen=True)

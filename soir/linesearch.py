@@ -26,9 +26,10 @@ import torch
 from scipy.optimize import brentq
 from torch import Tensor, nn
 
-from soir.curvature import RecordedForwards, group_direction, split_loss
+from soir.curvature import RecordedForwards, changed, free_memory_bytes, group_direction, split_loss
 from soir.data import example_losses, n_examples
 from soir.groups import Group
+from soir.runtime import device_of, dtype_of
 
 GROWTH = 4.0  # bracket growth per evaluation
 REACH = 1e6  # give up beyond REACH × the first-order step
@@ -38,15 +39,8 @@ def loss_along(model: nn.Module, direction: Mapping[str, Tensor], eta: float, ba
                reduce: Callable[[float, int], float] | None = None) -> float:
     """The split loss at θ_S + η v_S (through `reduce(mean, rows)` when given: the global mean
     under torchrun); the group's parameters are restored bit for bit."""
-    named = dict(model.named_parameters())
-    kept = {n: named[n].detach().clone() for n in direction}
-    try:
-        for n, v in direction.items():
-            named[n].add_(v, alpha=eta)
+    with changed(dict(model.named_parameters()), direction, eta):
         return _mean(model, batches, loss_fn, reduce)
-    finally:
-        for n in direction:
-            named[n].copy_(kept[n])
 
 
 def _mean(model, batches, loss_fn, reduce) -> float:
@@ -183,19 +177,58 @@ def solve(gain: Callable[[float], float], a: float, delta: float, guess: float |
     return math.exp(x), tried[x], len(tried)
 
 
-def _along(recorded: RecordedForwards, start: int, named: Mapping[str, Tensor], direction: Mapping[str, Tensor], eta: float,
-           rows: int, reduce: Callable[[float, int], float] | None) -> float:
-    """The split loss at θ_S + η v_S from the recorded forwards (the blocks below `start` replayed); the
-    group's parameters are restored bit for bit."""
-    kept = {n: named[n].detach().clone() for n in direction}
-    try:
-        for n, v in direction.items():
-            named[n].add_(v, alpha=eta)
-        mean = recorded.total(start) / rows
-    finally:
-        for n in direction:
-            named[n].copy_(kept[n])
-    return mean if reduce is None else reduce(mean, rows)
+class _Need(Exception):
+    """`solve` needs the gain at η, not known yet."""
+
+    def __init__(self, eta: float):
+        self.eta = eta
+
+
+class Search:
+    """One group's `solve`, stepped from outside: `ask()` gives the next η whose gain it needs (None
+    once solved, with `result` then set) and `tell(η, gain)` gives it, so the searches of several
+    groups can share each forward. It re-runs `solve` on the gains told so far: the same points
+    and answer as `solve` on the gain function, with its cheap logic run ≤ `evaluations` times."""
+
+    def __init__(self, a: float, delta: float, guess: float | None, evaluations: int, tolerance: float):
+        self.args = (a, delta, guess, evaluations, tolerance)
+        self.known: dict[float, float] = {}
+        self.result: tuple[float, float, int] | None = None
+
+    def _gain(self, eta: float) -> float:
+        if eta not in self.known:
+            raise _Need(eta)
+        return self.known[eta]
+
+    def ask(self) -> float | None:
+        a, delta, guess, evaluations, tolerance = self.args
+        try:
+            self.result = solve(self._gain, a, delta, guess, evaluations, tolerance)
+        except _Need as need:
+            return need.eta
+        return None
+
+    def tell(self, eta: float, gain: float) -> None:
+        self.known[eta] = gain
+
+
+def replica_count(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], budget_gib: float | None, at_most: int = 8) -> int:
+    """How many groups' line searches share a forward by default (`--line-batch`): 1 on CPU, where a
+    forward's cost per token does not fall with its batch (46.8–57.5 µs per token from 32 to 512
+    rows on the testbed, issue 20); on an accelerator as many as the budget (default 90% of the free
+    memory) holds beside the recorded block outputs, at most `at_most`, counting per replica the
+    largest batch's float32 logits three times (logits, their float copy, the log-softmax) and
+    eight hidden states."""
+    device = device_of(model)
+    if device.type == "cpu" or not batches:
+        return 1
+    budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * free_memory_bytes(device)
+    config = getattr(model, "config", None)
+    vocab, hidden = getattr(config, "vocab_size", 0) or 0, getattr(config, "hidden_size", 0) or 0
+    size = dtype_of(model).itemsize
+    recorded = sum(b["input_ids"].numel() for b in batches) * hidden * size * (getattr(config, "num_hidden_layers", 0) or 0)
+    per_replica = max(b["input_ids"].numel() for b in batches) * (3 * 4 * vocab + 8 * size * hidden)
+    return max(1, min(at_most, int((budget - recorded) // max(per_replica, 1))))
 
 
 @torch.no_grad()
@@ -203,7 +236,7 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
                     groups: Sequence[Group], direction: Mapping[str, Tensor], delta: float, evaluations: int = 12,
                     bar=None, loss_fn: Callable = example_losses, reduce: Callable[[float, int], float] | None = None,
                     tolerance: float = TOLERANCE, guesses: Mapping[str, float] | None = None,
-                    counts: dict[str, int] | None = None) -> dict[str, Tensor]:
+                    counts: dict[str, int] | None = None, replicas: int = 1) -> dict[str, Tensor]:
     """{group: tensor([η, measured forget gain, measured retain damage])} (float64): the
     step along the mean forget gradient `direction` that raises the forget loss by `delta`; η = inf
     and damage = nan for a group that cannot get there.
@@ -212,41 +245,92 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
     group's forwards start at its first block. η is found by `solve` from `guesses[group]` (e.g.
     the `soir` η of the quadratic model, when c_f is at hand), else from the median η, in units of
     the first-order step Δ/a, of the last groups of the same role (`PRIOR`; neighbouring neurons,
-    the same projection in other blocks), else of the last group. `reference_line_quantities` is the full-forward path
-    it is tested against. `counts`, when given, receives the forget evaluations per group."""
+    the same projection in other blocks), else of the last group. With `replicas` K > 1 the
+    searches of up to K consecutive groups of one block run side by side (`Search`), each round of
+    their evaluations one forward of K replicas (`RecordedForwards.totals`); a group's prior is
+    then that of the groups finished when it starts, so η may differ from K = 1 within the
+    tolerance. Groups outside the blocks (embeddings, head) run alone.
+    `reference_line_quantities` is the full-forward path it is tested against. `counts`, when
+    given, receives the forget evaluations per group."""
     named = dict(model.named_parameters())
     recorded = {"forget": RecordedForwards(model, forget, groups, loss_fn)}
     recorded["retain"] = RecordedForwards(model, retain, groups, loss_fn, recorded["forget"].starts)
     rows = {s: n_examples(batches) for s, batches in (("forget", forget), ("retain", retain))}
+    starts = recorded["forget"].starts
+
+    def means(split: str, start: int, steps) -> list[float]:
+        totals = recorded[split].totals(start, steps) if steps else []
+        return [t / rows[split] if reduce is None else reduce(t / rows[split], rows[split]) for t in totals]
+
     base = {s: recorded[s].base / rows[s] if reduce is None else reduce(recorded[s].base / rows[s], rows[s]) for s in recorded}
     multipliers: dict[str, deque] = {}  # per role, η a / Δ of the last groups that reached Δ
-    multiplier = 1.0  # of the last one of any role
-    out = {}
-    for g in groups:
+    last = [1.0]  # the multiplier of the last group of any role
+    out: dict[str, Tensor] = {}
+
+    def begin(g: Group):
         v = group_direction(g, direction, named)
         a = float(sum((x.double() ** 2).sum() for x in v.values()))
-        start = recorded["forget"].starts[g.name]
-        used = 0
-        if a > 0:
-            guess = (guesses or {}).get(g.name)
-            if not (guess is not None and math.isfinite(guess) and guess > 0):
-                guess = (statistics.median(multipliers[g.role]) if multipliers.get(g.role) else multiplier) * delta / a
-            eta, gain, used = solve(lambda e: _along(recorded["forget"], start, named, v, e, rows["forget"], reduce) - base["forget"],
-                                    a, delta, guess, evaluations, tolerance)
-        else:
-            eta, gain = math.inf, 0.0
+        if not a > 0:
+            return finish(g, v, a, None)
+        guess = (guesses or {}).get(g.name)
+        if not (guess is not None and math.isfinite(guess) and guess > 0):
+            guess = (statistics.median(multipliers[g.role]) if multipliers.get(g.role) else last[0]) * delta / a
+        return g, v, a, Search(a, delta, guess, evaluations, tolerance)
+
+    def finish(g: Group, v, a: float, search: Search | None):
+        eta, gain, used = search.result if search is not None else (math.inf, 0.0, 0)
         if math.isfinite(eta):
-            damage = _along(recorded["retain"], start, named, v, eta, rows["retain"], reduce) - base["retain"]
-            multiplier = eta * a / delta
-            multipliers.setdefault(g.role, deque(maxlen=PRIOR)).append(multiplier)
-        else:
-            damage = math.nan
-        out[g.name] = torch.tensor([eta, gain, damage], dtype=torch.float64)
+            last[0] = eta * a / delta
+            multipliers.setdefault(g.role, deque(maxlen=PRIOR)).append(last[0])
+        out[g.name] = torch.tensor([eta, gain, math.nan], dtype=torch.float64)
         if counts is not None:
             counts[g.name] = used
         if bar is not None:
             bar.update(1)
-    return out
+        return None
+
+    for start, run in _runs(groups, starts, replicas):
+        pending, active, damages = deque(run), [], []
+        while pending or active:
+            asks = []
+            i = 0
+            while i < len(active) or (pending and len(active) < replicas):
+                if i == len(active):
+                    slot = begin(pending.popleft())
+                    if slot is None:
+                        continue
+                    active.append(slot)
+                g, v, a, search = active[i]
+                eta = search.ask()
+                if eta is None:  # solved: its retain damage is measured with the others' below
+                    finish(g, v, a, search)
+                    if math.isfinite(float(out[g.name][0])):
+                        damages.append((g, v))
+                    active.pop(i)
+                    continue
+                asks.append((search, v, eta))
+                i += 1
+            if asks:
+                for (search, _, eta), mean in zip(asks, means("forget", start, [(v, eta) for _, v, eta in asks])):
+                    search.tell(eta, mean - base["forget"])
+            while damages and (len(damages) >= replicas or not (pending or active)):
+                chunk, damages = damages[:replicas], damages[replicas:]
+                for (g, _), mean in zip(chunk, means("retain", start, [(v, float(out[g.name][0])) for g, v in chunk])):
+                    out[g.name][2] = mean - base["retain"]
+    return {g.name: out[g.name] for g in groups}
+
+
+def _runs(groups: Sequence[Group], starts: Mapping[str, int], replicas: int):
+    """(start, groups): consecutive groups of one block, which may share forwards; a group outside
+    the blocks, or every group when `replicas` is 1, alone."""
+    run: list[Group] = []
+    for g in groups:
+        if run and (replicas == 1 or g.layer is None or run[0].layer is None or starts[g.name] != starts[run[0].name]):
+            yield starts[run[0].name], run
+            run = []
+        run.append(g)
+    if run:
+        yield starts[run[0].name], run
 
 
 @torch.no_grad()

@@ -155,7 +155,8 @@ class GroupQuantities:
             start = time.perf_counter()
             with progress_bar(self.progress, len(self.groups), "line search", "group") as bar:
                 out["line"] = line_quantities(self.model, self.batches["forget"], self.batches["retain"], self.groups, full["forget"],
-                                              self.options.delta, bar=bar, loss_fn=self.loss_fn, reduce=global_mean)
+                                              self.options.delta, bar=bar, loss_fn=self.loss_fn, reduce=global_mean,
+                                              replicas=self.options.replicas)
             self.timings["line_search"] = time.perf_counter() - start
         for s in SPLITS:
             if f"per_example_{s}" in needs:

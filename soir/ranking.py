@@ -40,6 +40,7 @@ from soir.groups import (
     parameter_groups,
 )
 from soir.io import write_json, write_parquet
+from soir.linesearch import replica_count
 from soir.quantities import (
     FROM_DATA,
     SAVED,
@@ -86,6 +87,9 @@ class RankSettings:
                                     "only; the others follow in that first stage's order (default: every group)", metavar="N")
     shortlist_by: str = setting("soir-slope", "the first stage of --shortlist, a score whose cost does not grow with the groups "
                                 "(soir with --curvature kfac unless --curvature is given)", choices=FIRST_STAGES)
+    line_batch: int | None = setting(None, "soir-line: how many groups of one block search side by side, sharing each forward "
+                                     "(default: 1 on CPU, where it does not pay; on a GPU as many as --memory-budget holds, at most 8)",
+                                     metavar="K")
     batch_size: int = setting(32, "rows per batch")
     max_examples: int | None = setting(None, "use a seeded random subset of at most N rows per split (default: all)", metavar="N")
     seed: int = 0
@@ -121,6 +125,8 @@ class RankSettings:
                 raise UserError(f"--shortlist runs soir-line's line search on a shortlist: give --score soir-line, or leave out --shortlist")
             if self.shortlist < 1:
                 raise UserError(f"--shortlist must be a number of groups, at least 1, not {self.shortlist}")
+        if self.line_batch is not None and self.line_batch < 1:
+            raise UserError(f"--line-batch must be a number of groups, at least 1, not {self.line_batch}")
         if self.shortlist_by not in FIRST_STAGES:
             raise UserError(f"unknown --shortlist-by {self.shortlist_by!r}: use one of {', '.join(FIRST_STAGES)}")
         if not score.sketchable and self.sketch != "none":
@@ -128,7 +134,8 @@ class RankSettings:
 
     @property
     def curvature_options(self) -> CurvatureOptions:
-        return CurvatureOptions(sketch=self.sketch, dim=self.dim, seed=self.seed, ggn_samples=self.ggn_samples, delta=self.delta)
+        return CurvatureOptions(sketch=self.sketch, dim=self.dim, seed=self.seed, ggn_samples=self.ggn_samples, delta=self.delta,
+                                replicas=self.line_batch or 1)
 
 
 @dataclass
@@ -272,6 +279,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     if settings.curvature is None and {"c_f", "c_r"} & set(score.needs):
         curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget, len(groups))
         settings = replace(settings, curvature=curvature)
+    if settings.line_batch is None and "line" in score.needs:
+        settings = replace(settings, line_batch=replica_count(model, forget_batches + retain_batches, settings.memory_budget))
     setup = time.perf_counter() - started
 
     def quantities_of(chosen: list, stage: RankSettings) -> GroupQuantities:

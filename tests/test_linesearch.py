@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from soir.curvature import group_direction, split_loss
+from soir.curvature import RecordedForwards, group_direction, split_loss
 from soir.data import encode, example_losses, pad_id, split_batches
 from soir.gradients import mean_gradient
 from soir.groups import parameter_groups
-from soir.linesearch import line_quantities, loss_along, reference_line_quantities, search, solve
+from soir.linesearch import line_quantities, loss_along, reference_line_quantities, replica_count, search, solve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,68 @@ def test_replayed_line_search_gives_the_reference_eta_and_damage(make_model, bat
             full = loss_along(model, group_direction(g, direction, named), float(fast[0]), retain, example_losses) - base_retain
         assert fast[2] == pytest.approx(full, rel=1e-9, abs=1e-12), g.name
     assert np.mean([counts[g.name] for g in reached]) < 8  # the reference takes 12 at its default
+
+
+@pytest.mark.parametrize("arch", ["olmo", "gpt2"])
+def test_replicas_of_one_block_share_a_forward_with_the_losses_of_one_at_a_time(make_model, batches, arch):
+    """`RecordedForwards.totals` with several steps (tensor groups and neurons of one block, one
+    forward of the repeated batches) gives each step's loss as the one-at-a-time path does, within
+    1e-12 relative in float64; the model comes back bit for bit."""
+    forget, _ = batches
+    model = make_model(arch, dtype=torch.float64)
+    layer = [g for g in parameter_groups(model, "tensor") if g.layer == 1]
+    neurons = [g for g in parameter_groups(model, "neuron") if g.role == "neuron" and g.layer == 1][:3]
+    groups = layer + neurons
+    names = list(dict.fromkeys(n for g in groups for n in g.param_names))
+    direction = mean_gradient(model, forget, names)
+    named = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recorded = RecordedForwards(model, forget, groups)
+    assert {recorded.starts[g.name] for g in groups} == {1}
+    steps = [(group_direction(g, direction, named), 0.5 * (i + 1)) for i, g in enumerate(groups)]
+    together = recorded.totals(1, steps)
+    alone = [recorded.totals(1, [step])[0] for step in steps]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+    assert len(set(np.round(alone, 9))) == len(steps)  # the steps give different losses: the replicas are told apart
+
+
+@pytest.mark.parametrize("arch", ["olmo", "gpt2"])
+def test_line_searches_side_by_side_give_the_eta_and_damage_of_one_at_a_time(make_model, batches, arch):
+    """With `replicas` 3, up to three groups of a block search side by side, one forward per round of
+    evaluations: every group's η and damage equal those of `replicas` 1 within the search's
+    tolerance (1e-6 relative), in fewer forwards, the groups outside the blocks included."""
+    forget, retain = batches
+    model = make_model(arch, dtype=torch.float64)
+    groups = parameter_groups(model, "tensor") + [g for g in parameter_groups(model, "neuron") if g.role == "neuron"][:4]
+    names = list(dict.fromkeys(n for g in groups for n in g.param_names))
+    direction = mean_gradient(model, forget, names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    forwards = []
+    original = RecordedForwards.totals
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RecordedForwards, "totals", lambda self, start, steps: forwards.append(len(steps)) or original(self, start, steps))
+        alone = line_quantities(model, forget, retain, groups, direction, 0.05)
+        n_alone = len(forwards)
+        together = line_quantities(model, forget, retain, groups, direction, 0.05, replicas=3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert max(forwards[n_alone:]) == 3 and len(forwards) - n_alone < 0.6 * n_alone
+    assert list(together) == [g.name for g in groups]
+    for g in groups:
+        one, three = alone[g.name].numpy(), together[g.name].numpy()
+        if not math.isfinite(one[0]):
+            assert three[0] == math.inf and np.isnan(three[2]), g.name
+            continue
+        np.testing.assert_allclose(three, one, rtol=1e-6, err_msg=g.name)
+
+
+def test_default_line_batch_is_one_on_cpu_and_what_the_budget_holds_on_an_accelerator(make_model, batches, monkeypatch):
+    import soir.linesearch
+
+    forget, retain = batches
+    model = make_model("olmo")
+    assert replica_count(model, forget + retain, None) == 1 and replica_count(model, forget + retain, 100.0) == 1  # CPU
+    monkeypatch.setattr(soir.linesearch, "device_of", lambda m: torch.device("cuda"))
+    counts = [replica_count(model, forget + retain, gib) for gib in (1e-9, 5e-4, 1e-3, 2e-3, 100.0)]
+    assert counts[0] == 1 and counts[-1] == 8  # at least one; at most eight
+    assert counts == sorted(counts) and len(set(counts)) >= 3  # more memory, more replicas

@@ -345,6 +345,19 @@ def test_shortlist_of_every_group_is_soir_line(make_model, tokenizer, qa_frame):
     assert every.table["shortlisted"].all() and every.info["shortlist"]["scored"] == len(plain)
 
 
+def test_line_batch_searches_groups_side_by_side_to_the_same_ranking(make_model, tokenizer, qa_frame):
+    """`--line-batch 4` gives soir-line's η, damage and order of the default (1 on CPU) within the
+    search's tolerance, and ranking.json's settings say which ran."""
+    model = make_model("olmo")
+    enc = encode(qa_frame, tokenizer)
+    plain = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2), progress=False)
+    side = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, line_batch=4), progress=False)
+    assert plain.settings.line_batch == 1 and side.settings.line_batch == 4
+    columns = ["eta", "forget_gain", "retain_damage"]
+    np.testing.assert_allclose(side.table[columns].to_numpy(float), plain.table[columns].to_numpy(float), rtol=1e-5)
+    assert side.table["group"].tolist() == plain.table["group"].tolist()
+
+
 def test_shortlist_runs_the_line_search_on_the_first_stage_best_only(make_model, tokenizer, qa_frame, monkeypatch):
     import soir.quantities
 
@@ -385,9 +398,10 @@ def test_shortlist_errors_are_one_line(testbed, tmp_path, capsys):
     assert main(["rank", *common, "--score", "soir-line", "--shortlist", "0", "--out", str(bad)]) == 2
     assert main(["rank", *common, "--score", "soir-line", "--shortlist", "-3", "--out", str(bad)]) == 2
     assert main(["rank", *common, "--shortlist", "3", "--out", str(bad)]) == 2  # the default score is soir
+    assert main(["rank", *common, "--score", "soir-line", "--line-batch", "0", "--out", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("soir: error:") for line in err), err
-    assert "at least 1" in err[0] and "-3" in err[1] and "--score soir-line" in err[2]
+    assert len(err) == 4 and all(line.startswith("soir: error:") for line in err), err
+    assert "at least 1" in err[0] and "-3" in err[1] and "--score soir-line" in err[2] and "--line-batch" in err[3]
     assert not bad.exists()
 
 
