@@ -38,7 +38,9 @@ config with random weights directly on the device (seed 0), then its stages run 
   made through the loss, so a stopped row says how far it got (hvp: one per batch for the mean
   gradients, then one per batch for the curvature; fd: one plus two per group and batch; the line
   search: several per group). `soir-line` uses `--shortlist` instead of the scope when the
-  toolkit has it. A method skips with its reason when it cannot run: fd needs
+  toolkit has it, and its default `--line-batch` (on a GPU, up to 8 groups of a block searching
+  side by side, one forward per round); `rank-soir-line-k1` runs it again with `--line-batch 1`,
+  one group per forward, so the two rows say what the batched forward gains. A method skips with its reason when it cannot run: fd needs
   float32 weights, and every stage whose estimated peak (the toolkit's own estimate for hvp)
   exceeds 95% of the device's free memory skips.
 - `unlearn`: `soir.select` takes 10% of the parameters (`--top COUNT --by params`) from the first
@@ -123,10 +125,10 @@ WORKLOAD = Workload()
 TINY_WORKLOAD = Workload(forget=8, retain=16, evaluate=8, holdout=4, prompt_words=(6, 12), answer_words=(3, 6), unlearn_steps=2,
                          unlearn_batch=4, new_tokens=4, eval_batch=8)
 
-STAGES = ("rank-hvp", "rank-fd", "rank-ggn", "rank-soir-line", "unlearn", "evaluate")
+STAGES = ("rank-hvp", "rank-fd", "rank-ggn", "rank-soir-line", "rank-soir-line-k1", "unlearn", "evaluate")
 DEFAULT_BUDGET_S = 500  # the stages' share of the 9 minutes; the rest is the workers' start and the writing
 RUNS = (
-    "1b:bfloat16:rank-ggn=30,rank-hvp=40,rank-soir-line=35,unlearn=25,evaluate=25",
+    "1b:bfloat16:rank-ggn=30,rank-hvp=40,rank-soir-line=35,rank-soir-line-k1=25,unlearn=25,evaluate=25",
     "1b:float32:rank-fd=35,unlearn=20,evaluate=15",
     "7b:bfloat16:rank-ggn=30,rank-hvp=35,rank-soir-line=30,unlearn=30,evaluate=25",
     "7b:float32:rank-fd=30,unlearn=20,evaluate=15",
@@ -139,7 +141,7 @@ MIN_STAGE_S = 2.0  # a stage with less time left than this (or than its own budg
 MEMORY_SHARE = 0.95  # of the device's free memory a stage's estimated peak may use
 COLUMNS = ("run", "size", "dtype", "stage", "method", "status", "wall_s", "peak_memory_mib", "memory_estimate_gib", "budget_s",
            "n_params", "hidden", "layers", "heads", "intermediate", "vocab", "batch_size", "n_forget", "n_retain", "n_groups",
-           "n_groups_total", "scope", "extrapolated_all_groups_s", "loss_forwards", "device", "device_name", "torch", "transformers", "note")
+           "n_groups_total", "scope", "extrapolated_all_groups_s", "line_batch", "loss_forwards", "device", "device_name", "torch", "transformers", "note")
 STOPPED = "stopped at time budget"
 
 
@@ -374,6 +376,7 @@ class ModelCheck:
             "rank-fd": weights + gradients(scoped) + activations(s.rank_batch),
             "rank-ggn": weights + gradients(self.n_params) + 2 * activations(s.rank_batch),
             "rank-soir-line": weights + gradients(scoped) + activations(s.rank_batch),
+            "rank-soir-line-k1": weights + gradients(scoped) + activations(s.rank_batch),
             # masters (bf16 weights), gradients and AdamW's moments of the selected entries, the reference's copy, activations
             "unlearn": weights + selected * (4 * (3 + (element < 4)) + element) + 2 * activations(w.unlearn_batch),
             "evaluate": weights + inference(w.eval_batch),
@@ -485,8 +488,11 @@ class ModelCheck:
         names = {f.name for f in fields(RankSettings)}
         n_total = self.n_groups
         scoped = not self.all_groups and method != "ggn"
-        if method == "soir-line":
+        if method.startswith("soir-line"):
             options["score"] = "soir-line"
+            if method == "soir-line-k1" and "line_batch" in names:
+                options["line_batch"] = 1
+                note += "--line-batch 1 (one group per forward, to set against rank-soir-line's default); "
             if "shortlist" in names and not self.all_groups:
                 options["shortlist"] = math.ceil(0.2 * n_total)
                 scoped = False
@@ -498,7 +504,7 @@ class ModelCheck:
                 note += "--sketch factored; "
         if scoped:
             options["include"] = (self.scope(),)
-            note += "groups of the first and last block (no --shortlist in the toolkit)" if method == "soir-line" else \
+            note += "groups of the first and last block (no --shortlist in the toolkit)" if method.startswith("soir-line") else \
                 "groups of the first and last block"
         self.progress.update(n_groups_total=n_total, scope=options.get("include", ("all groups",))[0], loss_forwards=0)
         ranking = rank(self.model, self.encoded["forget"], self.encoded["retain"], self.pad, RankSettings(**options), progress=False,
@@ -512,6 +518,7 @@ class ModelCheck:
         return {"batch_size": self.shape.rank_batch, "n_forget": info["n_forget"], "n_retain": info["n_retain"], "n_groups": n,
                 "n_groups_total": n_total, "scope": options.get("include", ("all groups",))[0],
                 "extrapolated_all_groups_s": round(extrapolated, 2), "timings_s": timings,
+                "line_batch": getattr(ranking.settings, "line_batch", None) if method.startswith("soir-line") else None,
                 "settings": {k: v for k, v in options.items() if k != "include"}, "note": note.rstrip("; ")}
 
     def counted_loss(self, model, batch):
