@@ -57,7 +57,7 @@ def synth(args) -> int:
 
 
 RANK_FLAGS = ("granularity", "norms", "curvature", "memory_budget", "sketch", "dim", "batch_size", "max_examples", "shortlist",
-              "shortlist_by", "line_batch", "include", "exclude")
+              "shortlist_by", "shortlist_rows", "line_batch", "include", "exclude")
 
 
 def rank_arguments(p) -> None:

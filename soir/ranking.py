@@ -61,7 +61,7 @@ FORMAT = "soir-ranking"
 VERSION = 1
 BASE_COLUMNS = ("group", "layer", "kind", "role", "n_params", "tied", "score", "rank")
 SOIR_COLUMNS = SCORES["soir"].columns
-FIRST_STAGES = ("soir-slope", "soir")  # --shortlist-by: scores whose cost does not grow with the number of groups
+FIRST_STAGES = ("soir-slope", "soir", "soir-line")  # --shortlist-by: two whose cost does not grow with the groups, and the line search on few rows
 FIRST_STAGE_CURVATURE = "kfac"  # soir's curvature as a first stage, unless --curvature is given
 
 
@@ -85,8 +85,10 @@ class RankSettings:
     ggn_samples: int = setting(1, "label draws per example for ggn and kfac")
     shortlist: int | None = setting(None, "with --score soir-line: run the line search on the N groups --shortlist-by ranks best "
                                     "only; the others follow in that first stage's order (default: every group)", metavar="N")
-    shortlist_by: str = setting("soir-slope", "the first stage of --shortlist, a score whose cost does not grow with the groups "
-                                "(soir with --curvature kfac unless --curvature is given)", choices=FIRST_STAGES)
+    shortlist_by: str = setting("soir-slope", "the first stage of --shortlist: soir-slope or soir (with --curvature kfac unless "
+                                "--curvature is given), whose cost does not grow with the groups, or soir-line itself on "
+                                "--shortlist-rows rows per split, whose cost does, at a fraction of the price", choices=FIRST_STAGES)
+    shortlist_rows: int = setting(16, "rows per split of --shortlist-by soir-line (a seeded subset)", metavar="N")
     line_batch: int | None = setting(None, "soir-line: how many groups of one block search side by side, sharing each forward "
                                      "(default: 1 on CPU, where it does not pay; on a GPU as many as --memory-budget holds, at most 8)",
                                      metavar="K")
@@ -127,6 +129,8 @@ class RankSettings:
                 raise UserError(f"--shortlist must be a number of groups, at least 1, not {self.shortlist}")
         if self.line_batch is not None and self.line_batch < 1:
             raise UserError(f"--line-batch must be a number of groups, at least 1, not {self.line_batch}")
+        if self.shortlist_rows < 1:
+            raise UserError(f"--shortlist-rows must be a number of rows, at least 1, not {self.shortlist_rows}")
         if self.shortlist_by not in FIRST_STAGES:
             raise UserError(f"unknown --shortlist-by {self.shortlist_by!r}: use one of {', '.join(FIRST_STAGES)}")
         if not score.sketchable and self.sketch != "none":
@@ -284,7 +288,10 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     setup = time.perf_counter() - started
 
     def quantities_of(chosen: list, stage: RankSettings) -> GroupQuantities:
-        return GroupQuantities(model, chosen, forget_batches, retain_batches, curvature=stage.curvature, options=stage.curvature_options,
+        batches = (forget_batches, retain_batches) if stage.max_examples == settings.max_examples else \
+            (split_batches(forget, pad, stage.batch_size, stage.max_examples, stage.seed, shard=True),
+             split_batches(retain, pad, stage.batch_size, stage.max_examples, stage.seed + 1, shard=True))
+        return GroupQuantities(model, chosen, *batches, curvature=stage.curvature, options=stage.curvature_options,
                                base_model=base_model, loss_fn=loss_fn, progress=progress)
 
     shortlisted = None
@@ -295,6 +302,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         timings = quantities.timings
     else:
         first = replace(settings, score=settings.shortlist_by, shortlist=None, curvature=settings.curvature or FIRST_STAGE_CURVATURE)
+        if first.score == "soir-line":
+            first = replace(first, max_examples=min(settings.shortlist_rows, settings.max_examples or settings.shortlist_rows))
         first_quantities = quantities_of(groups, first)
         first_table = score_table(group_table(groups), first_quantities.compute(get_score(first.score).needs), first)
         best = set(first_table.sort_values("rank", kind="stable")["group"].head(settings.shortlist))
@@ -304,7 +313,8 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         table = shortlist_table(first_table, score_table(group_table(chosen), computed, settings))
         timings = {**{f"first_stage_{k}": v for k, v in first_quantities.timings.items()}, **quantities.timings}
         shortlisted = {"n": settings.shortlist, "scored": len(chosen), "first_stage": {"score": first.score, "curvature": first.curvature
-                                                                                       if {"c_f", "c_r"} & set(get_score(first.score).needs) else None},
+                                                                                       if {"c_f", "c_r"} & set(get_score(first.score).needs) else None,
+                                                                                       "max_examples": first.max_examples},
                        "unscored": "ranked after the scored groups in the first stage's order; score and the score's columns are NaN"}
 
     info = {

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from soir.curvature import hvp_peak_bytes, hvp_quadratic_forms, kfac_peak_bytes, taylor_coefficients
-from soir.data import encode, pad_id, read_split, split_batches
+from soir.data import encode, n_examples, pad_id, read_split, split_batches
 from soir.errors import UserError
 from soir.gradients import mean_gradient
 from soir.models import load_model, load_tokenizer
@@ -382,11 +382,35 @@ def test_shortlist_runs_the_line_search_on_the_first_stage_best_only(make_model,
     assert list(ranked["group"][3:]) == list(slope["group"][3:])  # the rest in the first stage's order
     assert ranked["score"][3:].isna().all() and ranked["shortlisted"].tolist() == [True] * 3 + [False] * (len(ranked) - 3)
     assert np.allclose(ranked.set_index("group").loc[best, "score"], line.loc[best, "score"])
-    assert two.info["shortlist"]["first_stage"] == {"score": "soir-slope", "curvature": None}
+    assert two.info["shortlist"]["first_stage"] == {"score": "soir-slope", "curvature": None, "max_examples": None}
     assert {"first_stage_mean_gradients", "line_search"} <= set(two.info["timings_s"])
     by_soir = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, shortlist=3, shortlist_by="soir"),
                    progress=False)
-    assert by_soir.info["shortlist"]["first_stage"] == {"score": "soir", "curvature": "kfac"}
+    assert by_soir.info["shortlist"]["first_stage"] == {"score": "soir", "curvature": "kfac", "max_examples": None}
+
+
+def test_shortlist_by_soir_line_searches_every_group_on_few_rows_then_the_shortlist_on_all(make_model, tokenizer, qa_frame, monkeypatch):
+    import soir.quantities
+
+    searched = []
+    line_quantities = soir.quantities.line_quantities
+
+    def counted(model, forget, retain, groups, *args, **kwargs):
+        searched.append(([g.name for g in groups], n_examples(forget), n_examples(retain)))
+        return line_quantities(model, forget, retain, groups, *args, **kwargs)
+
+    monkeypatch.setattr(soir.quantities, "line_quantities", counted)
+    model = make_model("olmo")
+    enc = encode(qa_frame, tokenizer)
+    few = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, max_examples=3), progress=False).ranked()
+    searched.clear()
+    two = rank(model, enc, enc, pad_id(tokenizer), RankSettings(score="soir-line", batch_size=2, shortlist=3, shortlist_by="soir-line",
+                                                                shortlist_rows=3), progress=False)
+    (first_groups, *first_rows), (second_groups, *second_rows) = searched
+    assert len(first_groups) == len(few) and first_rows == [3, 3] and second_rows == [len(enc), len(enc)]
+    assert sorted(second_groups) == sorted(few["group"][:3])  # the shortlist: the few-row line search's best 3
+    assert list(two.ranked()["group"][3:]) == list(few["group"][3:])
+    assert two.info["shortlist"]["first_stage"] == {"score": "soir-line", "curvature": None, "max_examples": 3}
 
 
 def test_shortlist_errors_are_one_line(testbed, tmp_path, capsys):
