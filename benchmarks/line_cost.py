@@ -94,8 +94,16 @@ def two_stage_ranks(first: pd.DataFrame, full: pd.DataFrame, n: int) -> pd.DataF
     return pd.DataFrame({"rank": np.arange(1, len(chosen) + 1)}, index=chosen).loc[full.index]
 
 
+def stage_spec(spec: str) -> tuple[str, str | None, int | None]:
+    """SCORE[:CURVATURE][@ROWS] as (score, curvature, rows per split): `soir-line@16` is the line
+    search on 16 rows, the first stage of `--shortlist-by soir-line --shortlist-rows 16`."""
+    spec, _, rows = spec.partition("@")
+    score, _, curvature = spec.partition(":")
+    return score, curvature or None, int(rows) if rows else None
+
+
 def run(testbed: Path, granularities, threads: int, reference_groups: int, converged: int, delta: float,
-        first_stages=(), shortlists=(), timed_shortlists=(), line_groups: int | None = None):
+        first_stages=(), shortlists=(), timed_shortlists=(), line_groups: int | None = None, timed_by=("soir-slope",)):
     import torch
 
     from soir.data import encode, pad_id, read_split, split_batches
@@ -186,8 +194,8 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
         full = tables["soir-line"]
         firsts = {}
         for spec in first_stages:  # the cheap first stages against the full soir-line ranking
-            score, _, curvature = spec.partition(":")
-            settings = RankSettings(score=score, granularity=granularity, delta=delta, curvature=curvature or None,
+            score, curvature, rows_ = stage_spec(spec)
+            settings = RankSettings(score=score, granularity=granularity, delta=delta, curvature=curvature, max_examples=rows_,
                                     include=only if curvature == "fd" else ())
             started = time.perf_counter()
             firsts[spec] = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False).table.set_index("group").loc[full.index]
@@ -205,23 +213,26 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
                                    "n_groups": n_groups, "compared_groups": len(full),
                                    "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
                                    "top10_overlap": top_overlap(two, full), "timed": False})
-        for fraction in timed_shortlists:  # two-stage rankings run for real, with the default first stage
+        for timed, fraction in ((by, f) for by in timed_by for f in timed_shortlists):  # two-stage rankings run for real, timed
             n = math.ceil(fraction * n_groups)
-            settings = RankSettings(score="soir-line", granularity=granularity, delta=delta, shortlist=n)
+            by, _, by_rows = stage_spec(timed)
+            settings = RankSettings(score="soir-line", granularity=granularity, delta=delta, shortlist=n, shortlist_by=by,
+                                    **({"shortlist_rows": by_rows} if by_rows else {}))
+            path = f"soir-line --shortlist {n}" + ("" if timed == "soir-slope" else f" --shortlist-by {by} --shortlist-rows {by_rows}"
+                                                   if by_rows else f" --shortlist-by {by}")
             started, cpu = time.perf_counter(), time.process_time()
             ranking = rank(model, splits["forget"], splits["retain"], pad, settings, progress=False)
             seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
             two = ranking.table.set_index("group").loc[full.index]
-            print(f"{granularity}: soir-line --shortlist {n}: {seconds:.1f} s {ranking.info['timings_s']}", flush=True)
-            rows.append({"granularity": granularity, "path": f"soir-line --shortlist {n}", "n_groups": n_groups, "seconds": round(seconds, 2),
-                         "cpu_seconds": round(cpu_s, 2),
+            print(f"{granularity}: {path}: {seconds:.1f} s {ranking.info['timings_s']}", flush=True)
+            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_s, 2),
                          "extrapolated": False, "over_soir": round(seconds / times["soir"], 3), "threads": threads})
-            agreements.append({"granularity": granularity, "ranking": f"{settings.shortlist_by} → soir-line (run)", "shortlist": n,
+            agreements.append({"granularity": granularity, "ranking": f"{timed} → soir-line (run)", "shortlist": n,
                                "n_groups": n_groups, "seconds": round(seconds, 2), "compared_groups": len(full),
                                "spearman_vs_soir_line": float(spearmanr(two["rank"], full["rank"]).statistic),
                                "top10_overlap": top_overlap(two, full), "timed": True})
-            summary[granularity][f"shortlist_{n}_s"] = seconds
-            summary[granularity][f"shortlist_{n}_timings_s"] = ranking.info["timings_s"]
+            key = f"shortlist_{n}" + ("" if timed == "soir-slope" else f"_by_{timed}")
+            summary[granularity][f"{key}_s"], summary[granularity][f"{key}_timings_s"] = seconds, ranking.info["timings_s"]
     return rows, details, summary, agreements
 
 
@@ -277,18 +288,22 @@ def main(argv=None) -> int:
     p.add_argument("--reference-groups", type=int, default=48, help="groups the reference runs on where there are more (default: 48)")
     p.add_argument("--converged", type=int, default=40, help="evaluations of the converged reference at tensor granularity (0: skip)")
     p.add_argument("--first-stages", nargs="*", default=list(FIRST_STAGES),
-                   help="first stages to compare with the full soir-line ranking: SCORE or SCORE:CURVATURE")
+                   help="first stages to compare with the full soir-line ranking: SCORE, SCORE:CURVATURE, or soir-line@ROWS "
+                   "(the line search on ROWS rows per split)")
     p.add_argument("--shortlists", nargs="*", type=float, default=[0.1, 0.2, 0.3],
                    help="shortlist sizes as fractions of the groups, two-stage rankings taken from the full one")
     p.add_argument("--timed-shortlists", nargs="*", type=float, default=[0.1, 0.2],
-                   help="shortlist sizes (fractions of the groups) also run for real with the default first stage, timed")
+                   help="shortlist sizes (fractions of the groups) also run for real with each first stage of --timed-shortlist-by, timed")
+    p.add_argument("--timed-shortlist-by", nargs="+", default=["soir-slope"],
+                   help="the timed runs' first stages: soir-slope, soir, or soir-line@ROWS")
     p.add_argument("--line-groups", type=int, help="run the full soir-line ranking (and fd) on this many groups spread over the "
                    "table where there are more, extrapolating its time and comparing over those groups (default: every group)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     started = time.perf_counter()
     rows, details, summary, agreements = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged,
-                                             args.delta, args.first_stages, args.shortlists, args.timed_shortlists, args.line_groups)
+                                             args.delta, args.first_stages, args.shortlists, args.timed_shortlists, args.line_groups,
+                                             args.timed_shortlist_by)
     from report import write_results
 
     table, details, agreements = pd.DataFrame(rows), pd.DataFrame(details), pd.DataFrame(agreements)

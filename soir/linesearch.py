@@ -258,11 +258,13 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
     rows = {s: n_examples(batches) for s, batches in (("forget", forget), ("retain", retain))}
     starts = recorded["forget"].starts
 
-    def means(split: str, start: int, steps) -> list[float]:
-        totals = recorded[split].totals(start, steps) if steps else []
-        return [t / rows[split] if reduce is None else reduce(t / rows[split], rows[split]) for t in totals]
+    def mean(split: str, total: float) -> float:  # the split's mean loss from its sum (the global mean under torchrun)
+        return total / rows[split] if reduce is None else reduce(total / rows[split], rows[split])
 
-    base = {s: recorded[s].base / rows[s] if reduce is None else reduce(recorded[s].base / rows[s], rows[s]) for s in recorded}
+    def means(split: str, start: int, steps) -> list[float]:
+        return [mean(split, t) for t in recorded[split].totals(start, steps)]
+
+    base = {s: mean(s, recorded[s].base) for s in recorded}
     multipliers: dict[str, deque] = {}  # per role, η a / Δ of the last groups that reached Δ
     last = [1.0]  # the multiplier of the last group of any role
     out: dict[str, Tensor] = {}
@@ -271,14 +273,14 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
         v = group_direction(g, direction, named)
         a = float(sum((x.double() ** 2).sum() for x in v.values()))
         if not a > 0:
-            return finish(g, v, a, None)
+            return finish(g, (math.inf, 0.0, 0))
         guess = (guesses or {}).get(g.name)
         if not (guess is not None and math.isfinite(guess) and guess > 0):
             guess = (statistics.median(multipliers[g.role]) if multipliers.get(g.role) else last[0]) * delta / a
         return g, v, a, Search(a, delta, guess, evaluations, tolerance)
 
-    def finish(g: Group, v, a: float, search: Search | None):
-        eta, gain, used = search.result if search is not None else (math.inf, 0.0, 0)
+    def finish(g: Group, result: tuple[float, float, int], a: float = math.nan) -> None:
+        eta, gain, used = result
         if math.isfinite(eta):
             last[0] = eta * a / delta
             multipliers.setdefault(g.role, deque(maxlen=PRIOR)).append(last[0])
@@ -287,7 +289,6 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
             counts[g.name] = used
         if bar is not None:
             bar.update(1)
-        return None
 
     for start, run in _runs(groups, starts, replicas):
         pending, active, damages = deque(run), [], []
@@ -303,7 +304,7 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
                 g, v, a, search = active[i]
                 eta = search.ask()
                 if eta is None:  # solved: its retain damage is measured with the others' below
-                    finish(g, v, a, search)
+                    finish(g, search.result, a)
                     if math.isfinite(float(out[g.name][0])):
                         damages.append((g, v))
                     active.pop(i)
@@ -311,12 +312,12 @@ def line_quantities(model: nn.Module, forget: Sequence[Mapping[str, Tensor]], re
                 asks.append((search, v, eta))
                 i += 1
             if asks:
-                for (search, _, eta), mean in zip(asks, means("forget", start, [(v, eta) for _, v, eta in asks])):
-                    search.tell(eta, mean - base["forget"])
+                for (search, _, eta), value in zip(asks, means("forget", start, [(v, eta) for _, v, eta in asks])):
+                    search.tell(eta, value - base["forget"])
             while damages and (len(damages) >= replicas or not (pending or active)):
                 chunk, damages = damages[:replicas], damages[replicas:]
-                for (g, _), mean in zip(chunk, means("retain", start, [(v, float(out[g.name][0])) for g, v in chunk])):
-                    out[g.name][2] = mean - base["retain"]
+                for (g, _), value in zip(chunk, means("retain", start, [(v, float(out[g.name][0])) for g, v in chunk])):
+                    out[g.name][2] = value - base["retain"]
     return {g.name: out[g.name] for g in groups}
 
 
