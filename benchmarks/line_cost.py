@@ -14,12 +14,13 @@ evaluations), which says which of the two is off. Evaluations: forget-split forw
 a group that cannot reach Δ).
 
 Two-stage rankings (`soir rank --score soir-line --shortlist N`): every cheap first stage (`soir`
-with `--curvature kfac`, `fd`, `ggn`, and `soir-slope`) ranks every group, timed, and is compared
-with the full soir-line ranking (Spearman over the groups, unreachable ones last; overlap of the top
+with `--curvature kfac`, `fd`, `ggn`, `soir-slope`, and `soir-line@ROWS`, the line search itself on
+ROWS rows per split, the first stage of `--shortlist-by soir-line --shortlist-rows ROWS`) ranks
+every group, timed, and is compared with the full soir-line ranking (Spearman over the groups, unreachable ones last; overlap of the top
 10%); for each N of `--shortlists` the two-stage ranking's top 10% against the full one's, for each
 first stage, taken from the full ranking (a group's soir-line score does not depend on which other
-groups are scored, up to the search's 10⁻⁶ in log η), and for the default first stage also run
-for real and timed.
+groups are scored, up to the search's 10⁻⁶ in log η), and for the first stages of
+`--timed-shortlist-by` also run for real and timed.
 
 Targets (docs/design.md §5, issue 20): soir-line ≤ 1.5 × soir's rank time at tensor
 granularity; ≤ 5 minutes at neuron granularity (1,550 groups) on 2 cores, with --shortlist or
@@ -304,14 +305,17 @@ def main(argv=None) -> int:
     rows, details, summary, agreements = run(Path(args.testbed), args.granularities, args.threads, args.reference_groups, args.converged,
                                              args.delta, args.first_stages, args.shortlists, args.timed_shortlists, args.line_groups,
                                              args.timed_shortlist_by)
-    from report import write_results
+    from report import command_line, write_results
 
     table, details, agreements = pd.DataFrame(rows), pd.DataFrame(details), pd.DataFrame(agreements)
     out = Path(args.out)
+
+    commands = {g: command_line() for g in summary}  # per granularity, the run that measured it
     if (out / "line_cost.json").exists():  # granularities run apart: keep the other granularities' results
         earlier = json.loads((out / "line_cost.json").read_text())
         other = [g for g in earlier.get("granularities", {}) if g not in summary]
         summary = {**{g: earlier["granularities"][g] for g in other}, **summary}
+        commands = {**{g: earlier.get("granularity_commands", {}).get(g, earlier["command"]) for g in other}, **commands}
         details = pd.concat([pd.DataFrame([r for r in earlier.get("groups", []) if r["granularity"] in other]), details], ignore_index=True)
         table = pd.concat([pd.read_csv(out / "line_cost.csv").query("granularity in @other"), table], ignore_index=True)
         if (out / "line_cost_agreement.csv").exists():
@@ -319,16 +323,19 @@ def main(argv=None) -> int:
     notes = (f"CPU, {args.threads} thread(s), with other jobs on the 2-core machine: wall times (`seconds`) are noisy, CPU times "
              "(`cpu_seconds`, one thread) are what the wall would be on an idle core; "
              f"testbed {args.testbed}. No GPU was used. Granularities other than {', '.join(args.granularities)} come from an "
-             "earlier run of this script with the same settings (its rows kept when one granularity is run again)." + (
+             "earlier run of this script (its rows kept when one granularity is run again; its command is in the JSON's "
+             "`granularity_commands`)." + (
                  f" With --line-groups {args.line_groups}, the full soir-line ranking and fd ran on that many groups spread over the "
                  "table where there are more: their times are extrapolated to every group, and every agreement is taken over those "
                  "groups (compared_groups), the two-stage ones with the same fraction of them shortlisted." if args.line_groups else ""))
     meta = {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta, "granularities": summary,
+            "granularity_commands": commands,
             "groups": details.to_dict(orient="records")}
     write_results(args.out, "line_cost", table, meta, started=started, tables={"rank time": table.set_index(["granularity", "path"])},
                   figure=lambda path: plot(table, details, summary, args.threads, path), notes=notes)
     shown = agreements.set_index(["granularity", "ranking", "shortlist"])
-    write_results(args.out, "line_cost_agreement", agreements, {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta},
+    write_results(args.out, "line_cost_agreement", agreements, {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta,
+                                                                 "granularity_commands": commands},
                   started=started, tables={"agreement with the full soir-line ranking": shown}, notes=notes + (
                       " Rows with a shortlist and timed = False are taken from the full ranking (the shortlisted groups in "
                       "soir-line's order, the rest in the first stage's); timed rows were run."))
