@@ -277,8 +277,12 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         raise UserError(f"--score {settings.score} needs the base model (the checkpoint this model was finetuned from): give --base DIR")
     groups = filter_groups(parameter_groups(model, settings.granularity, settings.norms), settings.include, settings.exclude)
     needs_data = any(k in FROM_DATA for k in score.needs)
-    forget_batches = split_batches(forget, pad, settings.batch_size, settings.max_examples, settings.seed, shard=True) if needs_data else []
-    retain_batches = split_batches(retain, pad, settings.batch_size, settings.max_examples, settings.seed + 1, shard=True) if needs_data else []
+
+    def batches_of(stage: RankSettings) -> tuple[list, list]:
+        return (split_batches(forget, pad, stage.batch_size, stage.max_examples, stage.seed, shard=True),
+                split_batches(retain, pad, stage.batch_size, stage.max_examples, stage.seed + 1, shard=True))
+
+    forget_batches, retain_batches = batches_of(settings) if needs_data else ([], [])
     choice = None
     if settings.curvature is None and {"c_f", "c_r"} & set(score.needs):
         curvature, choice = choose_curvature(model, forget_batches + retain_batches, settings.memory_budget, len(groups))
@@ -288,9 +292,7 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
     setup = time.perf_counter() - started
 
     def quantities_of(chosen: list, stage: RankSettings) -> GroupQuantities:
-        batches = (forget_batches, retain_batches) if stage.max_examples == settings.max_examples else \
-            (split_batches(forget, pad, stage.batch_size, stage.max_examples, stage.seed, shard=True),
-             split_batches(retain, pad, stage.batch_size, stage.max_examples, stage.seed + 1, shard=True))
+        batches = (forget_batches, retain_batches) if stage.max_examples == settings.max_examples else batches_of(stage)
         return GroupQuantities(model, chosen, *batches, curvature=stage.curvature, options=stage.curvature_options,
                                base_model=base_model, loss_fn=loss_fn, progress=progress)
 
