@@ -9,7 +9,10 @@ retain loss there. Forward passes only, no graph (inference memory).
   forwards start at its first block (`soir.curvature.RecordedForwards`, as `fd`'s); `solve`
   finds η by secant and Brent steps on √(gain/Δ) − 1 over log η from the median step of the
   last groups of the same role, to 10⁻⁶ in log η: 3–7 partial forwards of the forget split for
-  a group that reaches Δ on the testbed, one of the retain split.
+  a group that reaches Δ on the testbed, one of the retain split. With `replicas` K > 1, up to K
+  groups of one block search side by side (`Search`, stepped from outside), each round of their
+  evaluations one forward of K replicas (`RecordedForwards.totals`; `--line-batch`, default from
+  `replica_count`).
 - `reference_line_quantities`, `search`: the first way and the tests' reference, full forwards
   and a geometric bracket (×4) from the first-order step Δ / |g_f,S|², then bisection in
   log η, `evaluations` (12) forwards of the forget split per group.
