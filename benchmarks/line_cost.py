@@ -322,9 +322,10 @@ def main(argv=None) -> int:
             agreements = pd.concat([pd.read_csv(out / "line_cost_agreement.csv").query("granularity in @other"), agreements], ignore_index=True)
     notes = (f"CPU, {args.threads} thread(s), with other jobs on the 2-core machine: wall times (`seconds`) are noisy, CPU times "
              "(`cpu_seconds`, one thread) are what the wall would be on an idle core; "
-             f"testbed {args.testbed}. No GPU was used. Granularities other than {', '.join(args.granularities)} come from an "
-             "earlier run of this script (its rows kept when one granularity is run again; its command is in the JSON's "
-             "`granularity_commands`)." + (
+             f"testbed {args.testbed}. No GPU was used." + (
+                 f" Granularities other than {', '.join(args.granularities)} come from an earlier run of this script (its rows kept "
+                 "when one granularity is run again; its command is in the JSON's `granularity_commands`)."
+                 if set(commands) - set(args.granularities) else "") + (
                  f" With --line-groups {args.line_groups}, the full soir-line ranking and fd ran on that many groups spread over the "
                  "table where there are more: their times are extrapolated to every group, and every agreement is taken over those "
                  "groups (compared_groups), the two-stage ones with the same fraction of them shortlisted." if args.line_groups else ""))
