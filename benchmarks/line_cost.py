@@ -334,13 +334,14 @@ def main(argv=None) -> int:
             "groups": details.to_dict(orient="records")}
     write_results(args.out, "line_cost", table, meta, started=started, tables={"rank time": table.set_index(["granularity", "path"])},
                   figure=lambda path: plot(table, details, summary, args.threads, path), notes=notes)
-    shown = agreements.set_index(["granularity", "ranking", "shortlist"])
-    write_results(args.out, "line_cost_agreement", agreements, {"testbed": str(args.testbed), "threads": args.threads, "delta": args.delta,
-                                                                 "granularity_commands": commands},
-                  started=started, tables={"agreement with the full soir-line ranking": shown}, notes=notes + (
-                      " Rows with a shortlist and timed = False are taken from the full ranking (the shortlisted groups in "
-                      "soir-line's order, the rest in the first stage's); timed rows were run."))
-    print(f"wrote line_cost and line_cost_agreement under {args.out} ({time.perf_counter() - started:.0f} s)")
+    if len(agreements):  # none without first stages or timed shortlists
+        shown = agreements.set_index(["granularity", "ranking", "shortlist"])
+        write_results(args.out, "line_cost_agreement", agreements, {"testbed": str(args.testbed), "threads": args.threads,
+                                                                     "delta": args.delta, "granularity_commands": commands},
+                      started=started, tables={"agreement with the full soir-line ranking": shown}, notes=notes + (
+                          " Rows with a shortlist and timed = False are taken from the full ranking (the shortlisted groups in "
+                          "soir-line's order, the rest in the first stage's); timed rows were run."))
+    print(f"wrote line_cost{' and line_cost_agreement' if len(agreements) else ''} under {args.out} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
