@@ -141,7 +141,8 @@ MIN_STAGE_S = 2.0  # a stage with less time left than this (or than its own budg
 MEMORY_SHARE = 0.95  # of the device's free memory a stage's estimated peak may use
 COLUMNS = ("run", "size", "dtype", "stage", "method", "status", "wall_s", "peak_memory_mib", "memory_estimate_gib", "budget_s",
            "n_params", "hidden", "layers", "heads", "intermediate", "vocab", "batch_size", "n_forget", "n_retain", "n_groups",
-           "n_groups_total", "scope", "extrapolated_all_groups_s", "line_batch", "loss_forwards", "device", "device_name", "torch", "transformers", "note")
+           "n_groups_total", "scope", "extrapolated_all_groups_s", "line_batch", "loss_forwards", "device", "device_name", "torch",
+           "transformers", "note")
 STOPPED = "stopped at time budget"
 
 

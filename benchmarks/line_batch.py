@@ -111,7 +111,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
 
     fig, ax = new_figure((6.4, 4.0))
     for (granularity, threads), part in frame.groupby(["granularity", "threads"]):
-        ax.plot(part["line_batch"], part["over_k1"], marker="o", label=f"{granularity} ({part['n_groups'].iloc[0]} groups), {threads} thread(s)")
+        label = f"{granularity} ({part['n_groups'].iloc[0]} groups), {threads} thread(s)"
+        ax.plot(part["line_batch"], part["over_k1"], marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("--line-batch K (groups of one block per forward)")

@@ -189,7 +189,8 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
         print(granularity, json.dumps(summary[granularity], default=float), flush=True)
         for path, seconds, cpu_s in (("soir", times["soir"], cpu_times["soir"]), ("soir-line", times["soir-line"], cpu_times["soir-line"]),
                                      ("soir-line reference", reference_rank_s, math.nan)):
-            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_s, 2),
+            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2),
+                         "cpu_seconds": round(cpu_s, 2),
                          "extrapolated": bool((path == "soir-line reference" and extrapolated) or (path == "soir-line" and only)),
                          "over_soir": round(seconds / times["soir"], 3), "threads": threads})
         full = tables["soir-line"]
@@ -226,7 +227,8 @@ def run(testbed: Path, granularities, threads: int, reference_groups: int, conve
             seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
             two = ranking.table.set_index("group").loc[full.index]
             print(f"{granularity}: {path}: {seconds:.1f} s {ranking.info['timings_s']}", flush=True)
-            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_s, 2),
+            rows.append({"granularity": granularity, "path": path, "n_groups": n_groups, "seconds": round(seconds, 2),
+                         "cpu_seconds": round(cpu_s, 2),
                          "extrapolated": False, "over_soir": round(seconds / times["soir"], 3), "threads": threads})
             agreements.append({"granularity": granularity, "ranking": f"{timed} → soir-line (run)", "shortlist": n,
                                "n_groups": n_groups, "seconds": round(seconds, 2), "compared_groups": len(full),

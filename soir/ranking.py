@@ -61,7 +61,7 @@ FORMAT = "soir-ranking"
 VERSION = 1
 BASE_COLUMNS = ("group", "layer", "kind", "role", "n_params", "tied", "score", "rank")
 SOIR_COLUMNS = SCORES["soir"].columns
-FIRST_STAGES = ("soir-slope", "soir", "soir-line")  # --shortlist-by: two whose cost does not grow with the groups, and the line search on few rows
+FIRST_STAGES = ("soir-slope", "soir", "soir-line")  # --shortlist-by: two whose cost does not grow with the groups; the line search on few rows
 FIRST_STAGE_CURVATURE = "kfac"  # soir's curvature as a first stage, unless --curvature is given
 
 
@@ -314,9 +314,9 @@ def rank(model: nn.Module, forget: Encoded, retain: Encoded, pad: int, settings:
         computed = quantities.compute(score.needs)
         table = shortlist_table(first_table, score_table(group_table(chosen), computed, settings))
         timings = {**{f"first_stage_{k}": v for k, v in first_quantities.timings.items()}, **quantities.timings}
-        shortlisted = {"n": settings.shortlist, "scored": len(chosen), "first_stage": {"score": first.score, "curvature": first.curvature
-                                                                                       if {"c_f", "c_r"} & set(get_score(first.score).needs) else None,
-                                                                                       "max_examples": first.max_examples},
+        first_curvature = first.curvature if {"c_f", "c_r"} & set(get_score(first.score).needs) else None
+        shortlisted = {"n": settings.shortlist, "scored": len(chosen),
+                       "first_stage": {"score": first.score, "curvature": first_curvature, "max_examples": first.max_examples},
                        "unscored": "ranked after the scored groups in the first stage's order; score and the score's columns are NaN"}
 
     info = {
