@@ -40,8 +40,8 @@ config with random weights directly on the device (seed 0), then its stages run 
   search: several per group). `soir-line` uses `--shortlist` instead of the scope when the
   toolkit has it, and its default `--line-batch` (on a GPU, up to 8 groups of a block searching
   side by side, one forward per round); `rank-soir-line-k1` runs it again with `--line-batch 1`,
-  one group per forward, so the two rows say what the batched forward gains. A method skips with its reason when it cannot run: fd needs
-  float32 weights, and every stage whose estimated peak (the toolkit's own estimate for hvp)
+  one group per forward, so the two rows say what the batched forward gains. A method skips with
+  its reason when it cannot run: fd needs float32 weights, and every stage whose estimated peak (the toolkit's own estimate for hvp)
   exceeds 95% of the device's free memory skips.
 - `unlearn`: `soir.select` takes 10% of the parameters (`--top COUNT --by params`) from the first
   ranking that ranked every group (else a scoped one, else `--score random`), and
@@ -377,11 +377,11 @@ class ModelCheck:
             "rank-fd": weights + gradients(scoped) + activations(s.rank_batch),
             "rank-ggn": weights + gradients(self.n_params) + 2 * activations(s.rank_batch),
             "rank-soir-line": weights + gradients(scoped) + activations(s.rank_batch),
-            "rank-soir-line-k1": weights + gradients(scoped) + activations(s.rank_batch),
             # masters (bf16 weights), gradients and AdamW's moments of the selected entries, the reference's copy, activations
             "unlearn": weights + selected * (4 * (3 + (element < 4)) + element) + 2 * activations(w.unlearn_batch),
             "evaluate": weights + inference(w.eval_batch),
         }
+        self.estimates["rank-soir-line-k1"] = self.estimates["rank-soir-line"]  # the same ranking, one group per forward
         self.capacity = MEMORY_SHARE * free_memory_bytes(self.device)
         del meta
 

@@ -34,16 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from line_cost import relative  # noqa: E402
+
 
 def measure(testbed: Path, granularities, line_batches, threads_list, neurons: int) -> pd.DataFrame:
-    import torch
-    from scipy.stats import spearmanr
-
     from soir.curvature import RecordedForwards
     from soir.data import encode, pad_id, read_split, split_batches
-    from soir.gradients import mean_gradient
-    from soir.groups import parameter_groups
-    from soir.linesearch import line_quantities
     from soir.models import load_model, load_tokenizer
     from soir.ranking import RankSettings
 
@@ -61,6 +57,25 @@ def measure(testbed: Path, granularities, line_batches, threads_list, neurons: i
         return original(self, start, steps)
 
     RecordedForwards.totals = counted
+    try:
+        rows = sweep(model, forget, retain, settings, granularities, line_batches, threads_list, neurons, rounds)
+    finally:
+        RecordedForwards.totals = original
+    frame = pd.DataFrame(rows)
+    first = frame.groupby(["granularity", "threads"])["seconds"].transform("first")
+    frame["over_k1"] = (frame["seconds"] / first).round(3)
+    return frame
+
+
+def sweep(model, forget, retain, settings, granularities, line_batches, threads_list, neurons: int, rounds: list) -> list[dict]:
+    """One row per granularity × threads × K; `rounds` collects the replicas of each `totals` call."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from soir.gradients import mean_gradient
+    from soir.groups import parameter_groups
+    from soir.linesearch import line_quantities
+
     rows = []
     for granularity in granularities:
         groups = parameter_groups(model, granularity, settings.norms)
@@ -81,7 +96,7 @@ def measure(testbed: Path, granularities, line_batches, threads_list, neurons: i
                 table = pd.DataFrame({g: v.numpy() for g, v in out.items()}, index=["eta", "gain", "damage"]).T
                 reference = table if reference is None else reference
                 both = np.isfinite(table["eta"]) & np.isfinite(reference["eta"])
-                rel = lambda c: float((abs(table[c] - reference[c]) / abs(reference[c]).clip(lower=1e-12))[both].max())  # noqa: E731
+                rel = lambda c: float(relative(table[c][both].to_numpy(), reference[c][both].to_numpy()).max(initial=0.0))  # noqa: E731
                 damage = lambda t: t["damage"].where(np.isfinite(t["eta"]), 1e30)  # noqa: E731  (unreachable ranks last)
                 rows.append({"granularity": granularity, "n_groups": len(groups), "threads": threads, "line_batch": k,
                              "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "seconds_per_group": round(wall / len(groups), 4),
@@ -91,11 +106,7 @@ def measure(testbed: Path, granularities, line_batches, threads_list, neurons: i
                              "damage_rel_max_vs_k1": rel("damage"),
                              "spearman_vs_k1": float(spearmanr(damage(table), damage(reference)).statistic)})
                 print(rows[-1], flush=True)
-    RecordedForwards.totals = original
-    frame = pd.DataFrame(rows)
-    first = frame.groupby(["granularity", "threads"])["seconds"].transform("first")
-    frame["over_k1"] = (frame["seconds"] / first).round(3)
-    return frame
+    return rows
 
 
 def shown(frame: pd.DataFrame) -> pd.DataFrame:

@@ -482,6 +482,7 @@ class RecordedForwards:
     def __init__(self, model: nn.Module, batches: Sequence[Batch], groups: Sequence[Group], loss_fn: LossFn = example_losses,
                  starts: Mapping[str, int] | None = None):
         self.model, self.loss_fn = model, loss_fn
+        self.named = dict(model.named_parameters())
         device = device_of(model)
         self.batches = [to_device(b, device) for b in batches]
         self.cache = LayerCache(model)
@@ -514,17 +515,16 @@ class RecordedForwards:
         forward of each batch repeated once per step (the replicas of block `start` share its
         recorded input), in which each replica's rows run the modules holding its parameters with
         them changed (`replicated`); the blocks above run on all replicas at once."""
-        named = dict(self.model.named_parameters())
         if len(steps) == 1:
             (direction, eta), = steps
-            with changed(named, direction, eta):
+            with changed(self.named, direction, eta):
                 return [self.total(start)]
         sums = torch.zeros(len(steps), dtype=torch.float64)
         with eval_mode(self.model, no_grad=True):
             for batch, outputs in zip(self.batches, self.outputs):
                 rows = batch["input_ids"].shape[0]
                 below = [repeat_rows(out, len(steps), rows) if i == start - 1 else out for i, out in enumerate(outputs)]
-                with self.cache.skip_below(start, below), replicated(self.model, named, steps, rows):
+                with self.cache.skip_below(start, below), replicated(self.model, self.named, steps, rows):
                     losses = self.loss_fn(self.model, {k: repeat_rows(t, len(steps), rows) for k, t in batch.items()})
                 sums += losses.double().view(len(steps), rows).sum(1).cpu()
         return sums.tolist()
